@@ -1,0 +1,327 @@
+"""Run configuration: frozen keyword-only dataclasses, one per stage, and one recipe per suite.
+
+A recipe is a function returning a `RunConfig`; every suite derives from `base()` with `replace`.
+`apply_overrides(cfg, ["conv.chunk=5", "bins.num_bins=128"])` is what `--set key=value` does.
+
+    from pipeline.config import recipe, apply_overrides
+    cfg = apply_overrides(recipe("libero_long"), ["image.batch_size=16"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the option and the fix."""
+
+
+def _check(cond: bool, option: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{option}: {msg}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """How raw demonstrations are read (LIBERO HDF5 or LeRobot)."""
+
+    format: Literal["auto", "libero", "lerobot"] = "auto"
+    # LIBERO: where the language instruction comes from. "auto": the `problem_info` attribute when
+    # the file has one (raw release), else the file name (regenerated no-op files). SPEC.md 9.2.
+    instruction_source: Literal["auto", "attribute", "filename"] = "auto"
+    # LIBERO flavour: "auto" detects raw release vs regenerated no-op files (SPEC.md 1.1).
+    flavour: Literal["auto", "raw", "regenerated"] = "auto"
+    # Rotate both cameras 180 degrees (img[::-1, ::-1]) as the published pipeline does.
+    rotate_180: bool = True
+    front_camera: str = "agentview_rgb"
+    wrist_camera: str = "eye_in_hand_rgb"
+    # LeRobot feature mapping (SO100 defaults, SPEC.md 1.2).
+    lerobot_front_key: str = "observation.images.front"
+    lerobot_wrist_key: str = "observation.images.wrist"
+    lerobot_state_key: str = "observation.state"
+    lerobot_action_key: str = "action"
+
+    def __post_init__(self) -> None:
+        _check(self.front_camera != self.wrist_camera, "source.front_camera",
+               "front and wrist cameras must differ")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilterConfig:
+    """No-op filter (SPEC.md 2)."""
+
+    enabled: bool = True
+    noop_threshold: float = 1e-4
+    # Fail when more than this fraction of all steps would be dropped.
+    max_drop_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.noop_threshold >= 0, "filter.noop_threshold", "must be >= 0")
+        _check(0 <= self.max_drop_fraction <= 1, "filter.max_drop_fraction", "must be in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitConfig:
+    """Deterministic 90/10 split by task (last tasks held out) and by trajectory within a task."""
+
+    val_task_fraction: float = 0.1
+    val_episode_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("val_task_fraction", "val_episode_fraction"):
+            _check(0 <= getattr(self, name) < 1, f"split.{name}", "must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BinsConfig:
+    """Per-dimension min/max stats and the 256-bin codec (SPEC.md 3)."""
+
+    num_bins: int = 256
+    # None: fit stats from the data. "libero_published": the published LIBERO constants (parity).
+    preset: str | None = None
+    # Which episodes the stats are fitted on: the training split, or every episode.
+    fit_on: Literal["train", "all"] = "train"
+
+    def __post_init__(self) -> None:
+        _check(2 <= self.num_bins <= 256, "bins.num_bins",
+               "must be in [2, 256] (the vocabulary has 256 bin ids per block)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageConfig:
+    """VQ-GAN pretokenization (SPEC.md 5)."""
+
+    resolution: int = 256
+    # Local path to `vqgan.yaml`+`vqgan.ckpt` (a directory or the .ckpt) or an HF Chameleon dir.
+    # None: a seeded random-initialised VQ-GAN (untrained tokens; said loudly).
+    vq_path: str | None = None
+    # Architecture of the random-init VQ-GAN when vq_path is None: "full" or "small" (CPU demo).
+    vq_random_arch: Literal["full", "small"] = "full"
+    vq_seed: int = 0
+    batch_size: int = 8
+    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    device: str = "auto"
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.resolution % 32 == 0 and self.resolution > 0, "image.resolution",
+               "must be a positive multiple of 32 (256 or 512 in the paper)")
+        _check(self.batch_size >= 1, "image.batch_size", "must be >= 1")
+        _check(self.workers >= 1, "image.workers", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvConfig:
+    """VLA and world-model conversations (SPEC.md 6)."""
+
+    history: int = 2
+    chunk: int = 10
+    max_seq_len: int = 4096
+    # What to do with a sample longer than max_seq_len: fail, or drop it and count the drop.
+    too_long: Literal["error", "drop"] = "error"
+    vla: bool = True
+    world_model: bool = True
+    # Path to a Chameleon `text_tokenizer.json`; None uses the built-in fallback (warned about).
+    tokenizer_path: str | None = None
+    # Action dims made relative to the current state (LeRobot recipe), e.g. (0, 1, 2, 3, 4).
+    relative_action_dims: tuple[int, ...] = ()
+    # Drop VLA samples whose whole action chunk is static (LeRobot recipe), counted.
+    drop_static_chunks: bool = False
+    static_threshold: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check(self.history >= 1, "conv.history", "must be >= 1")
+        _check(self.chunk >= 1, "conv.chunk", "must be >= 1")
+        _check(self.max_seq_len >= 64, "conv.max_seq_len", "must be >= 64")
+        _check(self.vla or self.world_model, "conv.vla", "enable at least one query type")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardConfig:
+    """Webdataset shard packing."""
+
+    max_shard_bytes: int = 256 * 2**20
+    max_shard_samples: int = 100_000
+    compression: Literal["gz", "none"] = "gz"
+
+    def __post_init__(self) -> None:
+        _check(self.max_shard_bytes >= 2**16, "shard.max_shard_bytes", "must be >= 65536")
+        _check(self.max_shard_samples >= 1, "shard.max_shard_samples", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything the data pipeline reads. Each stage declares which fields it depends on."""
+
+    recipe: str = "base"
+    suite: str = ""  # sub-directory of the data root holding the suite's files ("" = the root)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    bins: BinsConfig = field(default_factory=BinsConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    conv: ConvConfig = field(default_factory=ConvConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: one per suite, all derived from base().
+# ---------------------------------------------------------------------------------------------
+
+def base() -> RunConfig:
+    return RunConfig()
+
+
+def _libero(suite: str, chunk: int) -> RunConfig:
+    cfg = base()
+    return replace(cfg, recipe=suite, suite=suite, conv=replace(cfg.conv, history=2, chunk=chunk))
+
+
+def libero_spatial() -> RunConfig:
+    return _libero("libero_spatial", chunk=10)
+
+
+def libero_object() -> RunConfig:
+    return _libero("libero_object", chunk=5)
+
+
+def libero_goal() -> RunConfig:
+    return _libero("libero_goal", chunk=5)
+
+
+def libero_10() -> RunConfig:
+    return _libero("libero_10", chunk=10)
+
+
+def libero_90() -> RunConfig:
+    return _libero("libero_90", chunk=10)
+
+
+def demo() -> RunConfig:
+    """The embedded demo suite: small images, a reduced-width random VQ-GAN that runs on a CPU."""
+    cfg = _libero("demo", chunk=5)
+    return replace(cfg, suite="", image=replace(cfg.image, vq_random_arch="small", batch_size=16))
+
+
+def so100() -> RunConfig:
+    """LeRobot SO100 (SPEC.md 1.2): history 1, chunk 20, arm actions relative to the state."""
+    cfg = base()
+    conv = replace(cfg.conv, history=1, chunk=20, relative_action_dims=(0, 1, 2, 3, 4),
+                   drop_static_chunks=True)
+    return replace(cfg, recipe="so100", source=replace(cfg.source, format="lerobot"), conv=conv)
+
+
+RECIPES = {
+    "base": base,
+    "libero_spatial": libero_spatial,
+    "libero_object": libero_object,
+    "libero_goal": libero_goal,
+    "libero_10": libero_10,
+    "libero_90": libero_90,
+    "demo": demo,
+    "so100": so100,
+}
+ALIASES = {"libero_long": "libero_10"}
+
+
+def recipe(name: str) -> RunConfig:
+    key = ALIASES.get(name, name)
+    if key not in RECIPES:
+        known = ", ".join(sorted([*RECIPES, *ALIASES]))
+        raise ConfigError(f"recipe: unknown recipe {name!r}; choose one of: {known}")
+    cfg = RECIPES[key]()
+    return replace(cfg, recipe=name) if name in ALIASES else cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides, flattening and hashing.
+# ---------------------------------------------------------------------------------------------
+
+def _parse_value(raw: str, typ: Any, option: str) -> Any:
+    origin = get_origin(typ)
+    if origin is Literal:
+        choices = get_args(typ)
+        _check(raw in choices, option, f"got {raw!r}; choose one of {list(choices)}")
+        return raw
+    if origin is tuple:
+        return tuple(int(x) for x in raw.split(",") if x.strip()) if raw.strip() else ()
+    args = [a for a in get_args(typ) if a is not type(None)]
+    if args and type(None) in get_args(typ):  # Optional[X]
+        if raw.lower() in ("none", "null", ""):
+            return None
+        return _parse_value(raw, args[0], option)
+    if typ is bool:
+        _check(raw.lower() in ("1", "0", "true", "false", "yes", "no"), option,
+               f"got {raw!r}; use true or false")
+        return raw.lower() in ("1", "true", "yes")
+    try:
+        return typ(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{option}: cannot read {raw!r} as {typ.__name__}") from exc
+
+
+def set_field(cfg: Any, dotted: str, raw: str) -> Any:
+    """Return a copy of `cfg` with the dotted field set from its string form."""
+    head, _, rest = dotted.partition(".")
+    hints = get_type_hints(type(cfg))
+    names = {f.name for f in fields(cfg)}
+    if head not in names:
+        raise ConfigError(f"{dotted}: unknown option; known here: {', '.join(sorted(names))}")
+    if rest:
+        child = getattr(cfg, head)
+        _check(dataclasses.is_dataclass(child), dotted, f"{head} has no sub-options")
+        return replace(cfg, **{head: set_field(child, rest, raw)})
+    _check(not dataclasses.is_dataclass(getattr(cfg, head)), dotted,
+           "is a group; set one of its fields, e.g. " + f"{head}.<field>=value")
+    return replace(cfg, **{head: _parse_value(raw, hints[head], dotted)})
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. conv.chunk=5")
+        cfg = set_field(cfg, key.strip(), value.strip())
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{"conv.chunk": 10, ...} for every leaf field."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def select(cfg: RunConfig, patterns: tuple[str, ...]) -> dict[str, Any]:
+    """The config fields a stage reads: exact names or group prefixes ("conv.*")."""
+    flat = flatten(cfg)
+    out = {}
+    for pat in patterns:
+        if pat.endswith(".*"):
+            hits = {k: v for k, v in flat.items() if k.startswith(pat[:-1])}
+        else:
+            hits = {pat: flat[pat]} if pat in flat else {}
+        if not hits:
+            raise ConfigError(f"stage field {pat!r} matches no config option")
+        out.update(hits)
+    return dict(sorted(out.items()))
+
+
+def digest(obj: Any) -> str:
+    """sha256 of the canonical JSON form of obj."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()

@@ -1,0 +1,1 @@
+"""The shard format and vocabulary contract: ids, conversations, writer, reader, verify."""

@@ -1,0 +1,85 @@
+"""The unified 65,536-id vocabulary (Chameleon layout, SPEC.md 4). Every special id is named here once.
+
+    from shards import vocab
+    vocab.action_block(bins)   # [10004, 10005+d..., 15004]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+VOCAB_SIZE = 65536
+
+BOS = 0                 # <s>; also right padding (label -100)
+PAD = BOS
+IMAGE_CODE_FIRST = 4    # image codes occupy 4 .. 8195 (codebook 8192); the map is NOT an offset
+IMAGE_CODE_LAST = 8195
+CODEBOOK_SIZE = 8192
+IMAGE_END = 8196
+IMAGE_START = 8197
+SEP = 8710              # turn separator, also end of generation
+IMAGE_ROW_END = 8803    # "newline" after each row of image codes
+IMAGE_GRID_BASE = 8804  # grid size token = 8804 + side/32 (256 px -> 8812, 512 px -> 8820)
+PATCH_PX = 32           # one grid unit per 32 px
+VQ_DOWNSAMPLE = 16      # VQ-GAN: one code per 16x16 pixels
+
+ACTION_START = 10004
+ACTION_BIN_BASE = 10005  # bin d (1..256) -> 10005 + d
+ACTION_END = 15004
+STATE_START = 15504
+STATE_BIN_BASE = 15505   # bin d (1..256) -> 15505 + d
+STATE_END = 16004
+NUM_BINS = 256
+
+IGNORE_INDEX = -100     # label of unsupervised positions
+
+VLA_PROMPT_PREFIX = "What action should the robot take to "
+VLA_PROMPT_SUFFIX = "?"
+WM_PROMPT = ("Generate the next image based on the provided sequence of historical images and "
+             "corresponding actions.")
+
+
+def reserved_id(n: int) -> int:
+    """`<reservedNNNNN>` has id NNNNN + 4."""
+    return n + 4
+
+
+def grid_token(side_px: int) -> int:
+    return IMAGE_GRID_BASE + side_px // PATCH_PX
+
+
+def image_block_len(side_px: int) -> int:
+    """Tokens in one image block: start, 2 grid tokens, rows x (codes + row end), end."""
+    n = side_px // VQ_DOWNSAMPLE
+    return 3 + n * (n + 1) + 1
+
+
+def action_block(bins: np.ndarray) -> np.ndarray:
+    """bins: (D,) ints in 1..256 -> [ACTION_START, ACTION_BIN_BASE + d..., ACTION_END]."""
+    return _block(bins, ACTION_START, ACTION_BIN_BASE, ACTION_END)
+
+
+def state_block(bins: np.ndarray) -> np.ndarray:
+    return _block(bins, STATE_START, STATE_BIN_BASE, STATE_END)
+
+
+def _block(bins: np.ndarray, start: int, base: int, end: int) -> np.ndarray:
+    bins = np.asarray(bins, dtype=np.int64)
+    if bins.size and (bins.min() < 1 or bins.max() > NUM_BINS):
+        raise ValueError(f"bin indices must be in 1..{NUM_BINS}, got {bins.min()}..{bins.max()}")
+    return np.concatenate([[start], base + bins, [end]]).astype(np.int64)
+
+
+def is_image_code(ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids)
+    return (ids >= IMAGE_CODE_FIRST) & (ids <= IMAGE_CODE_LAST)
+
+
+def is_action_bin(ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids)
+    return (ids > ACTION_BIN_BASE) & (ids <= ACTION_BIN_BASE + NUM_BINS)
+
+
+def is_state_bin(ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids)
+    return (ids > STATE_BIN_BASE) & (ids <= STATE_BIN_BASE + NUM_BINS)

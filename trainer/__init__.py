@@ -1,0 +1,1 @@
+"""The trainer: model, attention mask, action head, losses, loop, inference."""
