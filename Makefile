@@ -1,0 +1,70 @@
+# rynn-pipe: the whole run as make targets. `make help` lists them.
+#   make demo                              # set up, then demo data -> shards -> train -> act/imagine
+#   make shards SUITE=libero_long DATA=/data/libero
+#   make train  SUITE=libero_long
+#   make test                              # the default (fast) test run, as CI runs it
+
+SHELL := bash
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+RYNN   := $(VENV)/bin/rynn-pipe
+SUITE  ?= demo
+DATA   ?= $(if $(filter demo,$(SUITE)),out/demo/raw,data/libero)
+OUT    ?= out/$(SUITE)
+RUN    ?= runs/$(SUITE)
+PRESET ?= tiny
+STEPS  ?= 300
+SET    ?=
+SETS   := $(foreach s,$(SET),--set $(s))
+TORCH_VERSION := 2.13.0
+
+.PHONY: help setup demo demo-data shards plan verify inspect train act imagine eval test test-all bench clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the local CPU build, never a CUDA build resolved by pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install (torch pinned to the CPU build)
+
+demo-data: setup ## write the synthetic LIBERO-format demo suite to out/demo/raw
+	@test -d out/demo/raw || $(RYNN) demo-data out/demo/raw
+
+demo: demo-data ## the main job on the embedded demo data: shards, training, inference
+	$(RYNN) tokenize --raw out/demo/raw --recipe demo --out out/demo $(SETS)
+	$(RYNN) verify out/demo/shards
+	$(RYNN) train --shards out/demo/shards --out runs/demo --preset tiny --steps $(STEPS)
+	$(RYNN) eval --checkpoint runs/demo/latest --shards out/demo/shards --out runs/demo/eval
+
+plan: setup ## what `make shards` would run (cache hits, work to do)
+	$(RYNN) plan --raw $(DATA) --recipe $(SUITE) --out $(OUT) $(SETS)
+
+shards: setup ## pretokenized shards for SUITE from DATA (LIBERO HDF5 or LeRobot)
+	$(RYNN) tokenize --raw $(DATA) --recipe $(SUITE) --out $(OUT) $(SETS)
+
+verify: setup
+	$(RYNN) verify $(OUT)/shards
+
+inspect: setup
+	$(RYNN) inspect $(OUT)/shards --out $(OUT)/sample.png
+
+train: setup ## train on the shards of `make shards`
+	$(RYNN) train --shards $(OUT)/shards --out $(RUN) --preset $(PRESET) --steps $(STEPS)
+
+test: setup ## the default test run (fast tier; what CI runs)
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest
+
+test-all: setup ## every test, the slow tier included
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -m 'not gpu'
+
+bench: setup ## speed and size benchmarks (ratios against baselines measured in the same run)
+	$(PY) -m bench
+
+clean:
+	rm -rf out runs

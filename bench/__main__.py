@@ -1,0 +1,33 @@
+"""`make bench` / `python -m bench [name ...]`: run the benchmarks, each printing its ratios.
+
+Names: vq (pretokenize vs bare encoder vs published batch-1 re-encode), reader (shard reader vs
+memmap vs pickle-per-sample, bytes per token), train (data wait vs compute, tokens/s),
+infer (continuous vs discrete actions per second, KV cache vs none).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+
+BENCHES = {"vq": "bench.bench_vq", "reader": "bench.bench_reader", "train": "bench.bench_train",
+           "infer": "bench.bench_infer"}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"unknown bench {unknown}; choose from {list(BENCHES)}", file=sys.stderr)
+        return 2
+    for name in names:
+        print(f"\n=== bench {name} ===", flush=True)
+        t0 = time.perf_counter()
+        importlib.import_module(BENCHES[name]).main([])
+        print(f"=== bench {name}: {time.perf_counter() - t0:.0f} s ===", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

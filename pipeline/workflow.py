@@ -1,0 +1,87 @@
+"""Library functions behind the commands: resolve a config, run or plan the data pipeline, export.
+
+    from pipeline.workflow import tokenize
+    shards_dir = tokenize(raw=Path("demos"), recipe_name="demo", out=Path("out/demo"))
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.config import RunConfig, apply_overrides, recipe
+from pipeline.errors import RynnError
+from pipeline.io import fsync_dir
+from pipeline.runner import Runner, StageStatus
+
+
+def resolve_config(recipe_name: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    return apply_overrides(recipe(recipe_name), list(overrides))
+
+
+def cache_root(out: Path, cache: Path | None = None) -> Path:
+    """--cache, else $RYNN_HOME/cache, else <out>/cache."""
+    if cache is not None:
+        return cache
+    home = os.environ.get("RYNN_HOME")
+    return Path(home) / "cache" if home else out / "cache"
+
+
+def raw_root(raw: Path, cfg: RunConfig) -> Path:
+    """The suite's directory when `raw` is a data root holding several suites
+    (`<raw>/libero_10` or `<raw>/libero_10_no_noops`), else `raw` itself."""
+    for name in ((cfg.suite, f"{cfg.suite}_no_noops") if cfg.suite else ()):
+        if (raw / name).is_dir():
+            return raw / name
+    return raw
+
+
+def make_runner(cfg: RunConfig, raw: Path, out: Path, cache: Path | None = None,
+                quiet: bool = False, until: str | None = None) -> Runner:
+    from stages.registry import pipeline
+    stages = pipeline()
+    if until is not None:
+        names = [s.name for s in stages]
+        if until not in names:
+            raise RynnError(f"--until {until!r}: unknown stage; choose one of {', '.join(names)}")
+        stages = stages[: names.index(until) + 1]
+    return Runner(cfg, stages, raw=raw_root(raw, cfg), cache=cache_root(out, cache), quiet=quiet)
+
+
+def plan(cfg: RunConfig, raw: Path, out: Path, cache: Path | None = None) -> list[StageStatus]:
+    return make_runner(cfg, raw, out, cache, quiet=True).plan()
+
+
+def tokenize(cfg: RunConfig, raw: Path, out: Path, cache: Path | None = None,
+             until: str | None = None, quiet: bool = False) -> dict[str, Path]:
+    """Run every stage (or up to `until`); export the shards to <out>/shards. Returns stage dirs."""
+    done = make_runner(cfg, raw, out, cache, quiet=quiet, until=until).run()
+    if "shards" in done:
+        export(done["shards"], out / "shards")
+    return done
+
+
+def export(src: Path, dst: Path) -> None:
+    """Publish a cached output directory at `dst` as hard links (copies across file systems).
+
+    Built beside `dst` under a temporary name, then swapped in, so `dst` is always complete.
+    """
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
