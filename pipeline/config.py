@@ -213,7 +213,9 @@ def so100() -> RunConfig:
     cfg = base()
     conv = replace(cfg.conv, history=1, chunk=20, relative_action_dims=(0, 1, 2, 3, 4),
                    drop_static_chunks=True)
-    return replace(cfg, recipe="so100", source=replace(cfg.source, format="lerobot"), conv=conv)
+    # LeRobot videos are stored upright: no 180-degree rotation (a LIBERO convention).
+    source = replace(cfg.source, format="lerobot", rotate_180=False)
+    return replace(cfg, recipe="so100", source=source, conv=conv)
 
 
 RECIPES = {
