@@ -145,7 +145,7 @@ class ConvConfig:
 class ShardConfig:
     """Webdataset shard packing."""
 
-    max_shard_bytes: int = 256 * 2**20
+    max_shard_bytes: int = 64 * 2**20  # the reader holds a few whole shards in memory
     max_shard_samples: int = 100_000
     compression: Literal["gz", "none"] = "gz"
 

@@ -1,0 +1,573 @@
+"""Training reader for a shard set: mixed VLA / world-model batches, deterministic for a seed, split
+by rank, prefetched in background threads, exactly resumable.
+
+    reader = ShardReader("out/demo/shards", batch_size=8, rank=rank, world_size=world)
+    reader.load_state_dict(ckpt["data"])       # optional: resume exactly where a run stopped
+    for batch in reader:                       # the rest of the current epoch (len(reader) batches)
+        ...
+        ckpt["data"] = reader.state_dict()
+
+Order. Each kind ("vla", "wm") is a stream that runs through stream epochs. In stream epoch e the
+stream's shards are permuted with rng([seed, SHARDS, kind, e]); their samples of the selected split,
+concatenated, form one global sequence of N samples (counts come from the manifest, so planning
+reads nothing). Rank r takes the contiguous range [r*m, (r+1)*m) with m = N // world_size: every
+rank gets exactly m samples, ranges are disjoint, and only the shards at a range's two ends are read
+by two ranks (reading cost stays about 1x; at most world_size - 1 samples per stream epoch are
+dropped). A range is cut into blocks of `shuffle_shards` consecutive shards; a block's samples are
+permuted with rng([seed, BLOCK, kind, e, block]) and consumed in that order. A stream that runs out
+goes on with its next stream epoch.
+
+Batches. Slot i of batch b of reader epoch E is a VLA sample with probability `mix`, drawn from
+rng([seed, KINDS, E, b]); the draw ignores the rank, so every rank's streams advance in step and the
+state is the same on every rank. Each slot takes the next sample of its kind's stream. A reader
+epoch is a fixed number of batches, the same on every rank: floor(sum of m over the streams drawn
+from / batch_size), i.e. about one pass over this rank's share of the selected split.
+
+Resume. `state_dict()` is the reader epoch, the batches of it handed out, and each stream's
+(epoch, position) after the last batch handed out; `load_state_dict()` restores it. Skipping is
+arithmetic on manifest counts: only the block holding the position is read.
+
+Speed. A shard is read whole (it is size-bounded): one gzip decompression (which releases the GIL,
+so loader threads overlap), a lean 512-byte tar header walk, `np.frombuffer` views for the npy
+payloads. Shards of the next block load in a thread pool while the current one is consumed, and a
+producer thread keeps `prefetch` collated batches ready. Multi-process DataLoader workers are not
+needed and not supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import json
+import queue
+import re
+import threading
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from pipeline.errors import DataError
+from pipeline.io import read_json
+from shards import vocab
+
+KINDS = ("vla", "wm")
+SPLITS = ("train", "val", "all")
+STATE_SCHEMA = 1
+# rng tags keep the three random streams of the order apart
+_TAG_SHARDS, _TAG_BLOCK, _TAG_KINDS = 1, 2, 3
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_DESCR = re.compile(rb"'descr':\s*'([^']+)'")
+_NPY_SHAPE = re.compile(rb"'shape':\s*\(([^)]*)\)")
+_NPY_FORTRAN = re.compile(rb"'fortran_order':\s*True")
+
+
+class Sample(NamedTuple):
+    """One decoded sample. `tokens` is a read-only uint16 view into the decompressed shard."""
+    key: str
+    tokens: np.ndarray
+    targets: list
+    chunk: np.ndarray | None
+    split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    kind: str
+    samples: int         # samples of the selected split
+    total: int           # samples of every split
+
+
+# ---------------------------------------------------------------- decoding one shard
+
+
+def decode_npy(data: memoryview | bytes, *, what: str = "npy") -> np.ndarray:
+    """A read-only array viewing the payload of .npy bytes (no copy)."""
+    if data[:6] != _NPY_MAGIC:
+        raise DataError(f"{what}: not an .npy payload")
+    start = 10 if data[6] == 1 else 12
+    end = start + int.from_bytes(data[8:start], "little")
+    layout = _npy_layout(bytes(data[start:end]))
+    if layout is None:
+        raise DataError(f"{what}: unsupported .npy header {bytes(data[start:end])!r}")
+    dtype, dims, count = layout
+    arr = np.frombuffer(data, dtype, count, end)
+    return arr if len(dims) == 1 else arr.reshape(dims)
+
+
+@functools.lru_cache(maxsize=8192)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, count) of a C-order .npy header dict; None if unsupported."""
+    descr, shape = _NPY_DESCR.search(header), _NPY_SHAPE.search(header)
+    if descr is None or shape is None or _NPY_FORTRAN.search(header):
+        return None
+    dims = tuple(int(d) for d in shape.group(1).split(b",") if d.strip())
+    return np.dtype(descr.group(1).decode()), dims, int(np.prod(dims, dtype=np.int64))
+
+
+def tar_members(buf: bytes, *, file: str = "",
+                partial: bool = False) -> Iterator[tuple[str, memoryview]]:
+    """(name, payload) of each regular file of an uncompressed tar held in memory; `partial`: the
+    buffer is a prefix of the tar, stop quietly at its end."""
+    view, pos, total, long_name = memoryview(buf), 0, len(buf), None
+    while pos + 512 <= total and buf[pos] != 0:
+        size = int(buf[pos + 124:pos + 136].rstrip(b"\0 ") or b"0", 8)
+        start, flag = pos + 512, buf[pos + 156]
+        if start + size > total:
+            if partial:
+                return
+            raise DataError("truncated tar member", file=file)
+        if flag in (48, 0):                                  # b"0" or NUL: a regular file
+            yield long_name or _header_name(buf, pos), view[start:start + size]
+            long_name = None
+        elif flag in (120, 76):                              # b"x" pax or b"L" GNU long name
+            long_name = _long_name(flag, buf[start:start + size]) or long_name
+        # directories, links and global pax headers carry no sample data
+        pos = start + ((size + 511) & ~511)
+
+
+def _header_name(buf: bytes, pos: int) -> str:
+    name = buf[pos:pos + 100].split(b"\0", 1)[0].decode()
+    if buf[pos + 345] == 0 or buf[pos + 257:pos + 262] != b"ustar":
+        return name
+    prefix = buf[pos + 345:pos + 500].split(b"\0", 1)[0].decode()
+    return f"{prefix}/{name}"
+
+
+def _long_name(flag: int, payload: bytes) -> str | None:
+    """The file name carried by a GNU long-name ('L') or pax ('x') extended header."""
+    if flag == 76:
+        return payload.split(b"\0", 1)[0].decode()
+    for record in payload.decode().splitlines():
+        _, _, field = record.partition(" ")
+        if field.startswith("path="):
+            return field[5:]
+    return None
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first dot of the base name; ext = the rest."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+def decode_sample(key: str, members: dict[str, Any], *, file: str = "") -> Sample:
+    """A Sample from its members {ext: bytes} (`tokens.npy`, `json`, and `chunk.npy` for VLA)."""
+    if "tokens.npy" not in members or "json" not in members:
+        raise DataError(f"sample lacks tokens.npy or json (has {sorted(members)})", file=file,
+                        key=key)
+    meta = json.loads(bytes(members["json"]))
+    tokens = decode_npy(members["tokens.npy"], what=f"{key}.tokens.npy")
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise DataError(f"tokens must be 1-D uint16, got {tokens.dtype} {tokens.shape}",
+                        file=file, key=key)
+    chunk = None
+    if "chunk.npy" in members:
+        chunk = decode_npy(members["chunk.npy"], what=f"{key}.chunk.npy")
+    if meta.get("kind") == "vla" and (chunk is None or chunk.ndim != 2):
+        raise DataError("VLA sample needs a 2-D chunk.npy", file=file, key=key)
+    return Sample(key, tokens, meta["targets"], chunk, meta["split"])
+
+
+def read_shard_bytes(path: Path) -> bytes:
+    """The uncompressed tar bytes of a `.tar.gz` or `.tar` shard."""
+    data = Path(path).read_bytes()
+    return gzip.decompress(data) if path.name.endswith(".gz") else data
+
+
+def peek_chunk_shape(path: Path, head_bytes: int = 1 << 20) -> tuple[int, int] | None:
+    """Shape of the first `chunk.npy` found in the first `head_bytes` of a shard (no full read)."""
+    with open(path, "rb") as f:
+        head = f.read(head_bytes)
+    if path.name.endswith(".gz"):
+        head = zlib.decompressobj(wbits=31).decompress(head)
+    for name, payload in tar_members(head, file=str(path), partial=True):
+        if name.endswith(".chunk.npy"):
+            return tuple(decode_npy(payload, what=name).shape)
+    return None
+
+
+def read_shard(path: Path, split: str = "all") -> list[Sample]:
+    """Every sample of one shard in stored order, keeping those of `split` ("all" keeps all)."""
+    samples, key, members = [], None, {}
+    for name, payload in tar_members(read_shard_bytes(path), file=str(path)):
+        name_key, ext = split_name(name)
+        if name_key != key and members:
+            samples.append(decode_sample(key, members, file=str(path)))
+            members = {}
+        key, members[ext] = name_key, payload
+    if members:
+        samples.append(decode_sample(key, members, file=str(path)))
+    return samples if split == "all" else [s for s in samples if s.split == split]
+
+
+# ---------------------------------------------------------------- the shard set
+
+
+def load_shard_infos(root: Path, split: str, kinds: tuple[str, ...]) -> dict[str, list[ShardInfo]]:
+    """Shards per kind from `manifest.json`, with per-split counts (scanned if not listed)."""
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        raise DataError("no manifest.json: not a shard directory (run `rynn-pipe tokenize`)",
+                        file=str(manifest_path))
+    infos: dict[str, list[ShardInfo]] = {k: [] for k in kinds}
+    for entry in read_json(manifest_path)["shards"]:
+        if entry["kind"] not in KINDS:
+            raise DataError(f"unknown shard kind {entry['kind']!r}", file=str(manifest_path))
+        if entry["kind"] in kinds:
+            path = root / entry["path"]
+            count = _split_count(path, entry, split)
+            infos[entry["kind"]].append(ShardInfo(path, entry["kind"], count, entry["samples"]))
+    return infos
+
+
+def _split_count(path: Path, entry: dict[str, Any], split: str) -> int:
+    if split == "all":
+        return int(entry["samples"])
+    if "splits" in entry:
+        return int(entry["splits"].get(split, 0))
+    return len(read_shard(path, split))      # manifest without per-split counts: count once
+
+
+# ---------------------------------------------------------------- one stream (one kind)
+
+
+class _Stream:
+    """The endless, rank-split, shuffled sample sequence of one kind (see the module docstring)."""
+
+    def __init__(self, kind: str, shards: list[ShardInfo], reader: "ShardReader") -> None:
+        self.kind, self.kind_id, self.shards, self.r = kind, KINDS.index(kind), shards, reader
+        self.total = sum(s.samples for s in shards)
+        self.per_rank = self.total // reader.world_size
+
+    def plan(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+        """This rank's blocks of stream epoch `epoch`: lists of (shard index, lo, hi) segments."""
+        r = self.r
+        order = np.arange(len(self.shards))
+        if r.shuffle:
+            order = np.random.default_rng([r.seed, _TAG_SHARDS, self.kind_id, epoch]).permutation(
+                len(self.shards))
+        start, end = r.rank * self.per_rank, (r.rank + 1) * self.per_rank
+        segments, offset = [], 0
+        for i in order.tolist():
+            n = self.shards[i].samples
+            lo, hi = max(start - offset, 0), min(end - offset, n)
+            if lo < hi:
+                segments.append((i, lo, hi))
+            offset += n
+        w = r.shuffle_shards
+        return [segments[j:j + w] for j in range(0, len(segments), w)]
+
+    def _specs(self, epoch: int, pos: int) -> Iterator[tuple[int, int, list, int]]:
+        """(epoch, block index, segments, samples to skip) from position `pos` of `epoch` on."""
+        skip = pos
+        while True:
+            for index, segments in enumerate(self.plan(epoch)):
+                size = sum(hi - lo for _, lo, hi in segments)
+                if skip < size:
+                    yield epoch, index, segments, skip
+                    skip = 0
+                else:
+                    skip -= size
+            epoch += 1
+
+    def _submit(self, spec: tuple) -> tuple[tuple, list[Future]]:
+        futures = [self.r._load(self.shards[i]) for i, _, _ in spec[2]]
+        return spec, futures
+
+    def _block(self, spec: tuple, futures: list[Future]) -> list[Sample]:
+        epoch, index, segments, skip = spec
+        samples: list[Sample] = []
+        for (i, lo, hi), future in zip(segments, futures):
+            shard, info = future.result(), self.shards[i]
+            if len(shard) != info.samples:
+                raise DataError(f"shard has {len(shard)} samples of split {self.r.split!r}, the "
+                                f"manifest says {info.samples}", file=str(info.path))
+            samples.extend(shard[lo:hi])
+        if self.r.shuffle:
+            rng = np.random.default_rng([self.r.seed, _TAG_BLOCK, self.kind_id, epoch, index])
+            samples = [samples[j] for j in rng.permutation(len(samples)).tolist()]
+        return samples[skip:]
+
+    def samples(self, epoch: int, pos: int) -> Iterator[Sample]:
+        """Samples from (epoch, pos) on, forever. The first block starts loading now, each next
+        block while the one before it is consumed."""
+        specs = self._specs(epoch, pos)
+        return self._consume(specs, self._submit(next(specs)))
+
+    def _consume(self, specs: Iterator[tuple], ahead: tuple) -> Iterator[Sample]:
+        while True:
+            current, ahead = ahead, self._submit(next(specs))
+            yield from self._block(*current)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def collate(samples: list[Sample], is_vla: np.ndarray, chunk_shape: tuple[int, int],
+            pad_multiple: int = 8) -> dict[str, Any]:
+    """The documented batch: right padding with 0 / -100 / 0 to the longest sample, rounded up."""
+    lengths = np.array([len(s.tokens) for s in samples])
+    width = -(-int(lengths.max()) // pad_multiple) * pad_multiple
+    mask = np.arange(width) < lengths[:, None]
+    ids = np.zeros(mask.shape, np.int64)
+    ids[mask] = np.concatenate([s.tokens for s in samples])
+    labels = np.full(mask.shape, vocab.IGNORE_INDEX, np.int64)
+    for row, s in enumerate(samples):
+        for a, b in s.targets:
+            if not 0 <= a < b <= lengths[row]:
+                raise DataError(f"target span [{a}, {b}) outside 0..{lengths[row]}", key=s.key)
+            labels[row, a:b] = ids[row, a:b]
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+            "is_vla": torch.from_numpy(is_vla.copy()),
+            "actions": torch.from_numpy(_actions(samples, is_vla, chunk_shape)),
+            "keys": [s.key for s in samples]}
+
+
+def _actions(samples: list[Sample], is_vla: np.ndarray, chunk_shape: tuple[int, int]) -> np.ndarray:
+    """(B, K, D) float32: the VLA rows' chunks, zeros for world-model rows."""
+    actions = np.zeros((len(samples), *chunk_shape), np.float32)
+    for row in np.flatnonzero(is_vla).tolist():
+        chunk = samples[row].chunk
+        if chunk is None or chunk.shape != chunk_shape:
+            raise DataError(f"action chunk {None if chunk is None else chunk.shape} is not "
+                            f"{chunk_shape}", key=samples[row].key)
+        actions[row] = chunk
+    return actions
+
+
+@dataclasses.dataclass
+class _Cursor:
+    epoch: int = 0
+    batch: int = 0
+    streams: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    def copy(self) -> "_Cursor":
+        return _Cursor(self.epoch, self.batch, {k: list(v) for k, v in self.streams.items()})
+
+
+_DONE = object()
+
+
+class ShardReader:
+    """Iterable of training batches over a shard directory. See the module docstring."""
+
+    def __init__(self, root: str | Path, *, batch_size: int, split: str = "train",
+                 mix: float | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, prefetch: int = 2, kinds: tuple[str, ...] = KINDS,
+                 shuffle_shards: int = 2, pad_multiple: int = 8, threads: int = 2) -> None:
+        _validate(batch_size, split, mix, rank, world_size, prefetch, kinds, shuffle_shards,
+                  pad_multiple, threads)
+        self.root, self.batch_size, self.split, self.seed = Path(root), batch_size, split, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.prefetch, self.kinds = prefetch, tuple(kinds)
+        self.shuffle_shards, self.pad_multiple = shuffle_shards, pad_multiple
+        infos = load_shard_infos(self.root, split, self.kinds)
+        self.streams = {k: _Stream(k, infos[k], self) for k in self.kinds}
+        self.mix = self._resolve_mix(mix)
+        self.drawn = [k for k in self.kinds if self._weight(k) > 0]
+        for k in self.drawn:
+            if self.streams[k].per_rank == 0:
+                raise DataError(f"stream {k!r} has {self.streams[k].total} samples in split "
+                                f"{split!r}, fewer than world_size={world_size}", file=str(root))
+        self.batches_per_epoch = sum(self.streams[k].per_rank for k in self.drawn) // batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(f"fewer samples per rank than batch_size={batch_size}", file=str(root))
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-load")
+        self._state = _Cursor(streams={k: [0, 0] for k in self.kinds})
+        self.chunk_shape = self._find_chunk_shape()
+
+    # -- configuration helpers
+
+    def _resolve_mix(self, mix: float | None) -> float:
+        """P(slot is VLA): given, or the natural ratio of the streams' sizes in the split."""
+        if len(self.kinds) == 1:
+            only_vla = float(self.kinds[0] == "vla")
+            if mix is not None and mix != only_vla:
+                raise ValueError(f"mix={mix} needs both kinds; kinds={self.kinds}")
+            return only_vla
+        if mix is not None:
+            return float(mix)
+        sizes = {k: self.streams[k].total for k in KINDS}
+        if sum(sizes.values()) == 0:
+            raise DataError(f"no samples in split {self.split!r}", file=str(self.root))
+        return sizes["vla"] / (sizes["vla"] + sizes["wm"])
+
+    def _weight(self, kind: str) -> float:
+        return self.mix if kind == "vla" else 1.0 - self.mix
+
+    def _find_chunk_shape(self) -> tuple[int, int]:
+        """(K, D) of the VLA action chunks, from the first VLA shard; (0, 0) without VLA."""
+        if "vla" not in self.drawn:
+            return (0, 0)
+        for info in self.streams["vla"].shards:
+            shape = peek_chunk_shape(info.path)
+            if shape is not None:
+                return shape
+        raise DataError("no VLA sample has an action chunk", file=str(self.root))
+
+    def _load(self, info: ShardInfo) -> Future:
+        return self._pool.submit(read_shard, info.path, self.split)
+
+    # -- iteration
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The remaining batches of the current epoch (a finished epoch moves to the next)."""
+        return self._run(forever=False)
+
+    def forever(self) -> Iterator[dict[str, Any]]:
+        """Batches without end, crossing epochs (prefetch runs across the boundary)."""
+        return self._run(forever=True)
+
+    def _slot_kinds(self, epoch: int, batch: int) -> list[str]:
+        if len(self.drawn) == 1:
+            return [self.drawn[0]] * self.batch_size
+        rng = np.random.default_rng([self.seed, _TAG_KINDS, epoch, batch])
+        return ["vla" if u < self.mix else "wm" for u in rng.random(self.batch_size).tolist()]
+
+    def _batches(self, cursor: _Cursor, forever: bool) -> Iterator[tuple[dict, _Cursor]]:
+        """(batch, state after it) from `cursor` on: the whole order, synchronously."""
+        cursor = cursor.copy()
+        if cursor.batch >= self.batches_per_epoch:
+            cursor.epoch, cursor.batch = cursor.epoch + 1, 0
+        streams = {k: self.streams[k].samples(*cursor.streams[k]) for k in self.drawn}
+        while True:
+            kinds = self._slot_kinds(cursor.epoch, cursor.batch)
+            samples = [next(streams[k]) for k in kinds]
+            for k in kinds:
+                self._advance(cursor.streams[k], k)
+            cursor.batch += 1
+            is_vla = np.array([k == "vla" for k in kinds])
+            yield collate(samples, is_vla, self.chunk_shape, self.pad_multiple), cursor.copy()
+            if cursor.batch == self.batches_per_epoch:
+                if not forever:
+                    return
+                cursor.epoch, cursor.batch = cursor.epoch + 1, 0
+
+    def _advance(self, position: list[int], kind: str) -> None:
+        position[1] += 1
+        if position[1] == self.streams[kind].per_rank:
+            position[0], position[1] = position[0] + 1, 0
+
+    def _run(self, forever: bool) -> Iterator[dict[str, Any]]:
+        source = self._batches(self._state, forever)
+        if self.prefetch > 0:
+            source = _background(source, self.prefetch)
+        for batch, state in source:
+            self._state = state
+            yield batch
+
+    # -- resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch handed out (identical on every rank)."""
+        s = self._state
+        return {"schema": STATE_SCHEMA, "epoch": s.epoch, "batch": s.batch,
+                "streams": {k: list(v) for k, v in s.streams.items()}, "config": self._config()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("schema") != STATE_SCHEMA:
+            raise ValueError(f"reader state schema {state.get('schema')} != {STATE_SCHEMA}")
+        if state["config"] != self._config():
+            raise ValueError(f"reader state was saved with {state['config']}, this reader is "
+                             f"{self._config()}: build the reader with the saved settings")
+        self._state = _Cursor(int(state["epoch"]), int(state["batch"]),
+                              {k: [int(e), int(p)] for k, (e, p) in state["streams"].items()})
+
+    def _config(self) -> dict[str, Any]:
+        return {"seed": self.seed, "batch_size": self.batch_size, "split": self.split,
+                "world_size": self.world_size, "shuffle": self.shuffle, "mix": self.mix,
+                "kinds": list(self.kinds), "shuffle_shards": self.shuffle_shards,
+                "samples": {k: self.streams[k].total for k in self.kinds}}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _background(source: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run `source` in a thread, `depth` items ahead; exceptions re-raise in the consumer."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in source:
+                if not _put(items, item, stop):
+                    return
+            _put(items, _DONE, stop)
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            _put(items, exc, stop)
+
+    thread = threading.Thread(target=produce, name="shard-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not _DONE:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _put(items: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            items.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _validate(batch_size: int, split: str, mix: float | None, rank: int, world_size: int,
+              prefetch: int, kinds: tuple[str, ...], shuffle_shards: int, pad_multiple: int,
+              threads: int) -> None:
+    checks = [
+        (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
+        (split in SPLITS, f"split must be one of {SPLITS}, got {split!r}"),
+        (mix is None or 0.0 <= mix <= 1.0, f"mix must be in [0, 1] or None, got {mix}"),
+        (world_size >= 1 and 0 <= rank < world_size, f"need 0 <= rank < world_size, got "
+                                                      f"rank={rank} world_size={world_size}"),
+        (prefetch >= 0, f"prefetch must be >= 0, got {prefetch}"),
+        (len(kinds) > 0 and len(set(kinds)) == len(kinds) and set(kinds) <= set(KINDS),
+         f"kinds must be distinct values of {KINDS}, got {kinds}"),
+        (shuffle_shards >= 1, f"shuffle_shards must be >= 1, got {shuffle_shards}"),
+        (pad_multiple >= 1, f"pad_multiple must be >= 1, got {pad_multiple}"),
+        (threads >= 1, f"threads must be >= 1, got {threads}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def load_hf_dataset(root: str | Path, kind: str = "vla", cache_dir: str | Path | None = None):
+    """The `kind` shards as a Hugging Face `datasets.Dataset` (its `webdataset` builder)."""
+    import datasets
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    files = [str(Path(root) / e["path"]) for e in read_json(Path(root) / "manifest.json")["shards"]
+             if e["kind"] == kind]
+    if not files:
+        raise DataError(f"no {kind} shards in the manifest", file=str(root))
+    return datasets.load_dataset("webdataset", data_files={"train": files}, split="train",
+                                 cache_dir=None if cache_dir is None else str(cache_dir))
