@@ -132,6 +132,23 @@ def inspect_cmd(shards: Path = typer.Argument(..., help="A shard directory."),
     console.print(f"wrote {path}")
 
 
+@app.command("decode")
+@friendly
+def decode_cmd(store: Path = typer.Argument(..., help="A pretokenize output dir (codes/ + store.json)."),
+               episode: str = typer.Argument(..., help="Episode id (a codes/<id>.npy file)."),
+               out: Path = typer.Option(Path("decoded"), "--out", "-o", help="PNG directory."),
+               frames: Optional[str] = typer.Option(None, help="Comma-separated frame indices."),
+               vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
+               vq_random_arch: str = typer.Option("full", help="Random-init arch: full or small."),
+               vq_seed: int = typer.Option(0, help="Random-init seed.")) -> None:
+    """Turn stored VQ codes back into images (PNG per frame and view)."""
+    from stages.pretokenize import decode_to_png
+    picked = [int(f) for f in frames.split(",")] if frames else None
+    paths = decode_to_png(store, episode, out, frames=picked, vq_path=vq_path,
+                          vq_random_arch=vq_random_arch, vq_seed=vq_seed)
+    console.print(f"wrote {len(paths)} images to {out}")
+
+
 def main() -> None:
     try:
         app()

@@ -6,8 +6,11 @@ it depends on, and `run(ctx) -> Result`. Its output directory is
     <cache>/<stage>/<key>/            key = sha256(name, version, fields read, input digests)[:16]
 
 published atomically: the stage writes into `<cache>/<stage>/.partial-<key>/` (kept across a
-crash, so a stage may resume from what it finished), the runner writes `manifest.json` there LAST,
-then renames the directory onto its key. A directory with a manifest is a cache hit: no work.
+crash, so a stage may resume from what it finished), the runner writes the stage manifest
+`stage.json` there LAST (config, input digests, counts, outputs with sha256, timings, tools), then
+renames the directory onto its key. A directory with `stage.json` is a cache hit: no work.
+(A stage may write its own deterministic `manifest.json`, as the shard set does; timings live only
+in `stage.json` so that data outputs stay byte-identical between runs.)
 A per-key file lock keeps two concurrent runs from working on the same key.
 
     from pipeline.runner import run_pipeline
@@ -33,7 +36,7 @@ from pipeline.errors import StageError
 from pipeline.io import file_entry, read_json, sha256_bytes, write_json
 from pipeline.progress import Progress, console
 
-MANIFEST = "manifest.json"
+MANIFEST = "stage.json"  # the runner's record of a stage run; written last
 SCHEMA = 1
 RAW = "raw"
 

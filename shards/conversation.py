@@ -1,0 +1,229 @@
+"""VLA and world-model conversations as token sequences with target spans (SPEC.md 6). Pure: no I/O.
+
+Sequence = BOS + human turn + SEP + response + SEP (no role words). The training targets are the
+response and its final SEP: one half-open span `[len(BOS + human + SEP), len(sequence))`.
+
+- VLA at step j (history M frames including the current one, chunk K): human = the text of
+  `"What action should the robot take to " + instruction + "?"` (tokenized as ONE string, so BPE
+  merges across the instruction boundary exactly as a single prompt would), then the state block
+  of state j, then the image blocks [front_i, wrist_i] for i = max(0, j-M+1) .. j (only the frames
+  that exist; no padding). Response = the K action blocks of a_j .. a_{j+K-1}. Steps with fewer
+  than K actions left are skipped. The sample also carries the normalized action chunk (K, D)
+  float32 in [-1, 1] (the continuous-head target, SPEC.md 9.7).
+- World model at step j = 0 .. T-2: human = WM_PROMPT text, then [front_j, wrist_j], then the
+  action block of a_j; response = [front_{j+1}, wrist_{j+1}].
+- Relative actions (`conv.relative_action_dims`, LeRobot recipe): the VLA chunk is
+  `pipeline.actions.relative_chunk(actions, states, j, K, dims)`; the world-model action a_j is the
+  first row of the same transform (relative to state j), so one stats artifact serves both.
+  With `conv.drop_static_chunks`, VLA steps whose chunk is static are dropped and counted.
+- A sequence longer than `conv.max_seq_len` raises (`too_long="error"`) or is dropped and counted
+  (`"drop"`); never truncated.
+
+    from shards.conversation import episode_tokens, episode_samples
+    ep = episode_tokens("ep0", "pick up the bowl", codes, actions, states, tok, codec)
+    for sample in episode_samples(ep, codec, cfg.conv, drops): ...
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.actions import is_static_chunk, relative_chunk
+from pipeline.config import ConvConfig
+from pipeline.errors import DataError
+from shards import vocab
+from stages.bins import Stats, normalize, to_bins
+
+VLA, WM = "vla", "wm"
+KINDS = (VLA, WM)
+STATIC_CHUNK = "static_chunk"
+TOO_LONG = "too_long"
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Per-dimension min/max and bin count that turn states and actions into bin ids."""
+
+    state_min: np.ndarray
+    state_max: np.ndarray
+    action_min: np.ndarray
+    action_max: np.ndarray
+    num_bins: int = vocab.NUM_BINS
+    relative_dims: tuple[int, ...] = ()
+
+    @classmethod
+    def from_stats(cls, stats: Stats, num_bins: int, relative_dims: tuple[int, ...]) -> "Codec":
+        return cls(stats.state.min, stats.state.max, stats.action.min, stats.action.max,
+                   num_bins, tuple(relative_dims))
+
+    def state_bins(self, states: np.ndarray) -> np.ndarray:
+        return to_bins(normalize(states, self.state_min, self.state_max), self.num_bins)
+
+    def action_norm(self, actions: np.ndarray) -> np.ndarray:
+        return normalize(actions, self.action_min, self.action_max)
+
+
+@dataclass(frozen=True)
+class EpisodeTokens:
+    """The pieces of one episode every sample is cut from."""
+
+    episode: str
+    instruction: str
+    vla_prompt: np.ndarray      # text ids of the VLA prompt
+    wm_prompt: np.ndarray       # text ids of the world-model prompt
+    images: np.ndarray          # (T, 2, block) image blocks per frame and view (front, wrist)
+    state_blocks: np.ndarray    # (T, S + 2)
+    actions: np.ndarray         # (T, D) raw actions
+    states: np.ndarray          # (T, S) raw states
+
+    @property
+    def steps(self) -> int:
+        return len(self.actions)
+
+
+@dataclass(frozen=True)
+class ConvSample:
+    kind: str
+    episode: str
+    step: int
+    tokens: np.ndarray                  # int64 (L,)
+    targets: list[list[int]]            # half-open target spans
+    chunk: np.ndarray | None = None     # VLA: float32 (K, D) in [-1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks.
+# ---------------------------------------------------------------------------------------------
+
+def image_block(codes: np.ndarray, code_to_id: np.ndarray, side_px: int | None = None
+                ) -> np.ndarray:
+    """codes (h, w) -> [IMAGE_START, grid(H), grid(W), row codes, ROW_END, ..., IMAGE_END]."""
+    return image_blocks(np.asarray(codes)[None], code_to_id, side_px)[0]
+
+
+def image_blocks(codes: np.ndarray, code_to_id: np.ndarray, side_px: int | None = None
+                 ) -> np.ndarray:
+    """codes (..., h, w) -> image blocks (..., 3 + h (w + 1) + 1), vectorized."""
+    codes = np.asarray(codes)
+    h, w = codes.shape[-2:]
+    if side_px is not None and (h * vocab.VQ_DOWNSAMPLE, w * vocab.VQ_DOWNSAMPLE) != (side_px,) * 2:
+        raise DataError(f"codes grid {h}x{w} does not match {side_px} px images "
+                        f"({side_px // vocab.VQ_DOWNSAMPLE} codes per side)")
+    lead = codes.shape[:-2]
+    ids = np.asarray(code_to_id, dtype=np.int64)[codes.astype(np.int64)]
+    rows = np.concatenate([ids, np.full((*lead, h, 1), vocab.IMAGE_ROW_END)], axis=-1)
+    head = [vocab.IMAGE_START, vocab.grid_token(h * vocab.VQ_DOWNSAMPLE),
+            vocab.grid_token(w * vocab.VQ_DOWNSAMPLE)]
+    return np.concatenate([np.broadcast_to(np.asarray(head, np.int64), (*lead, 3)),
+                           rows.reshape(*lead, h * (w + 1)),
+                           np.full((*lead, 1), vocab.IMAGE_END)], axis=-1)
+
+
+def action_blocks(bins: np.ndarray) -> np.ndarray:
+    """bins (K, D) -> the K action blocks concatenated."""
+    return np.concatenate([vocab.action_block(b) for b in np.asarray(bins)])
+
+
+def assemble(human: list[np.ndarray], response: list[np.ndarray]) -> tuple[np.ndarray, list]:
+    """BOS + human + SEP + response + SEP, and the target span of the response and final SEP."""
+    head = np.concatenate([[vocab.BOS], *human, [vocab.SEP]]).astype(np.int64)
+    tokens = np.concatenate([head, *response, [vocab.SEP]]).astype(np.int64)
+    return tokens, [[len(head), len(tokens)]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Episodes and samples.
+# ---------------------------------------------------------------------------------------------
+
+def vla_prompt_text(instruction: str) -> str:
+    return vocab.VLA_PROMPT_PREFIX + instruction + vocab.VLA_PROMPT_SUFFIX
+
+
+def episode_tokens(episode: str, instruction: str, codes: np.ndarray, actions: np.ndarray,
+                   states: np.ndarray, tokenizer, codec: Codec) -> EpisodeTokens:
+    """Tokenize what every sample of an episode shares. codes: (T, 2, h, w) codebook indices."""
+    if not len(codes) == len(actions) == len(states):
+        raise DataError(f"codes ({len(codes)}), actions ({len(actions)}) and states "
+                        f"({len(states)}) differ in length", episode=episode)
+    states_bins = codec.state_bins(states)
+    return EpisodeTokens(
+        episode=episode, instruction=instruction,
+        vla_prompt=np.asarray(tokenizer.encode(vla_prompt_text(instruction)), np.int64),
+        wm_prompt=np.asarray(tokenizer.encode(vocab.WM_PROMPT), np.int64),
+        images=image_blocks(codes, tokenizer.image_code_to_id),
+        state_blocks=np.stack([vocab.state_block(b) for b in states_bins]),
+        actions=np.asarray(actions, np.float64), states=np.asarray(states, np.float64))
+
+
+def action_chunk(ep: EpisodeTokens, codec: Codec, j: int, k: int) -> np.ndarray:
+    """Normalized (k, D) action chunk a_j .. a_{j+k-1} (relative dims applied), in [-1, 1]."""
+    return codec.action_norm(relative_chunk(ep.actions, ep.states, j, k, codec.relative_dims))
+
+
+def frames(ep: EpisodeTokens, first: int, last: int) -> list[np.ndarray]:
+    """Image blocks [front_i, wrist_i] for i = first .. last."""
+    return [ep.images[i, v] for i in range(first, last + 1) for v in range(ep.images.shape[1])]
+
+
+def vla_sample(ep: EpisodeTokens, codec: Codec, j: int, history: int, chunk: int) -> ConvSample:
+    if j + chunk > ep.steps:
+        raise ValueError(f"step {j} has fewer than {chunk} actions left (T={ep.steps})")
+    norm = action_chunk(ep, codec, j, chunk)
+    human = [ep.vla_prompt, ep.state_blocks[j], *frames(ep, max(0, j - history + 1), j)]
+    tokens, targets = assemble(human, [action_blocks(to_bins(norm, codec.num_bins))])
+    return ConvSample(VLA, ep.episode, j, tokens, targets, norm.astype(np.float32))
+
+
+def wm_sample(ep: EpisodeTokens, codec: Codec, j: int) -> ConvSample:
+    if j + 1 >= ep.steps:
+        raise ValueError(f"step {j} has no next frame (T={ep.steps})")
+    action = to_bins(action_chunk(ep, codec, j, 1), codec.num_bins)
+    tokens, targets = assemble([ep.wm_prompt, *frames(ep, j, j), action_blocks(action)],
+                               frames(ep, j + 1, j + 1))
+    return ConvSample(WM, ep.episode, j, tokens, targets)
+
+
+def check_length(sample: ConvSample, conv: ConvConfig, drops: Counter) -> bool:
+    """True when the sample fits; otherwise raise or count the drop (never truncate)."""
+    if len(sample.tokens) <= conv.max_seq_len:
+        return True
+    if conv.too_long == "error":
+        raise DataError(f"{sample.kind} sample at step {sample.step} has {len(sample.tokens)} "
+                        f"tokens > conv.max_seq_len={conv.max_seq_len}; raise conv.max_seq_len, "
+                        "lower conv.history / conv.chunk / image.resolution, or set "
+                        "conv.too_long=drop", episode=sample.episode)
+    drops[(sample.kind, TOO_LONG)] += 1
+    return False
+
+
+def vla_samples(ep: EpisodeTokens, codec: Codec, conv: ConvConfig,
+                drops: Counter) -> Iterator[ConvSample]:
+    for j in range(ep.steps - conv.chunk + 1):
+        if conv.drop_static_chunks and is_static_chunk(ep.actions, ep.states, j, conv.chunk,
+                                                       conv.static_threshold):
+            drops[(VLA, STATIC_CHUNK)] += 1
+            continue
+        sample = vla_sample(ep, codec, j, conv.history, conv.chunk)
+        if check_length(sample, conv, drops):
+            yield sample
+
+
+def wm_samples(ep: EpisodeTokens, codec: Codec, conv: ConvConfig,
+               drops: Counter) -> Iterator[ConvSample]:
+    for j in range(ep.steps - 1):
+        sample = wm_sample(ep, codec, j)
+        if check_length(sample, conv, drops):
+            yield sample
+
+
+def episode_samples(ep: EpisodeTokens, codec: Codec, conv: ConvConfig,
+                    drops: Counter) -> Iterator[ConvSample]:
+    """Every enabled sample of an episode: VLA steps in order, then world-model steps."""
+    if conv.vla:
+        yield from vla_samples(ep, codec, conv, drops)
+    if conv.world_model:
+        yield from wm_samples(ep, codec, conv, drops)

@@ -1,0 +1,208 @@
+"""Render one shard sample to a PNG a person can read: decoded images of every view, the
+instruction, the state and the action chunk as plots, and the token sequence as coloured segments.
+
+Images are decoded with the VQ-GAN decoder (`stages.vq_decoder`): the weights at `vq_path`, or,
+when none are given and the shards were made with a seeded random VQ-GAN, that same random model
+(the figure then says the pictures come from an UNTRAINED decoder). Without a usable decoder the
+code grids are drawn as colour maps instead.
+
+    from shards.inspect import inspect
+    inspect("out/demo/shards", "sample.png", index=0, kind="vla")
+    rynn-pipe inspect out/demo/shards --out sample.png --kind wm --index 3
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import DataError, RynnError
+from pipeline.io import read_json
+from shards import vocab
+from shards.format import MANIFEST, parse_members
+from shards.tokenizer import TextTokenizer, fallback_tokenizer, load_text_tokenizer
+from shards.verify import Layout, read_samples, segments, shard_bytes
+from stages.bins import from_bins
+
+COLOURS = {"bos": "#444444", "text": "#4e79a7", "state": "#59a14f", "image": "#f28e2b",
+           "action": "#e15759", "sep": "#111111"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one sample.
+# ---------------------------------------------------------------------------------------------
+
+def find_sample(root: Path, manifest: dict[str, Any], kind: str, index: int) -> dict[str, Any]:
+    """Sample `index` (0-based, stored order) among the samples of `kind`."""
+    entries = [e for e in manifest["shards"] if e["kind"] == kind]
+    total = sum(e["samples"] for e in entries)
+    if not 0 <= index < total:
+        raise RynnError(f"--index {index}: the shard set has {total} {kind} samples")
+    for e in entries:
+        if index < e["samples"]:
+            path = root / e["path"]
+            for i, (key, members) in enumerate(read_samples(shard_bytes(path, path.read_bytes()))):
+                if i == index:
+                    return parse_members(key, members)
+        index -= e["samples"]
+    raise DataError("sample count differs from the manifest; run `rynn-pipe verify`",
+                    file=str(root))
+
+
+def manifest_tokenizer(manifest: dict[str, Any]) -> TextTokenizer | None:
+    """The tokenizer the shards were made with, or None when its file is not available."""
+    info = manifest["tokenizer"]
+    if info["kind"] == "fallback":
+        return fallback_tokenizer(warn=False)
+    path = info.get("path")
+    if not path or not Path(path).is_file():
+        return None
+    tok = load_text_tokenizer(path)
+    return tok if tok.digest == info["digest"] else None
+
+
+def load_decoder(manifest: dict[str, Any], vq_path: str | None) -> tuple[Any, str]:
+    """(VQ handle or None, a note for the figure)."""
+    from stages.vq import load_vq
+    vq = manifest.get("vq", {})
+    if vq_path is None:
+        m = re.fullmatch(r"random-(\w+)-seed(\d+)", str(vq.get("source")))
+        if not m:
+            return None, "no VQ weights given (--vq-path): code grids shown as colour maps"
+        handle = load_vq(None, random_arch=m.group(1), seed=int(m.group(2)), device="cpu")
+        note = "images decoded by a RANDOM-INIT (untrained) VQ-GAN decoder: pixels mean nothing"
+    else:
+        handle = load_vq(vq_path, device="cpu")
+        note = f"decoded with {vq_path}"
+    if handle.digest != vq.get("digest"):
+        note += " (WARNING: VQ digest differs from the one the shards were made with)"
+    return handle, note
+
+
+def image_codes(tokens: np.ndarray, segs: list, tok: TextTokenizer | None, side: int
+                ) -> list[np.ndarray]:
+    """Codebook grids (side, side) of every image block (token ids when the map is unknown)."""
+    out = []
+    for kind, s, e in segs:
+        if kind == "image":
+            ids = tokens[s + 3:e - 1].reshape(side, side + 1)[:, :-1].astype(np.int64)
+            out.append(tok.id_to_image_code[ids] if tok is not None else ids)
+    return out
+
+
+def decode_images(grids: list[np.ndarray], handle, mapped: bool) -> list[np.ndarray] | None:
+    if handle is None or not mapped or not grids:
+        return None
+    from stages.vq_decoder import DecoderError, decode
+    try:
+        return list(decode(handle, np.stack(grids)))
+    except DecoderError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing.
+# ---------------------------------------------------------------------------------------------
+
+def image_labels(meta: dict[str, Any], n: int) -> list[str]:
+    j = int(meta["step"])
+    if meta["kind"] == "vla":
+        first = j - n // 2 + 1
+        return [f"{v} t={t}" for t in range(first, j + 1) for v in ("front", "wrist")]
+    return [f"front t={j}", f"wrist t={j}", f"next front t={j + 1}", f"next wrist t={j + 1}"]
+
+
+def bins_of(tokens: np.ndarray, segs: list, kind: str, base: int, num_bins: int) -> np.ndarray:
+    rows = [tokens[s + 1:e - 1].astype(np.int64) - base for k, s, e in segs if k == kind]
+    return from_bins(np.stack(rows), num_bins) if rows else np.zeros((0, 0))
+
+
+def draw_segments(ax, segs: list, length: int, targets: list) -> None:
+    ax.barh(0, 1, left=0, color=COLOURS["bos"], height=0.6)
+    for kind, s, e in segs:
+        ax.barh(0, e - s, left=s, color=COLOURS[kind], height=0.6, edgecolor="white", lw=0.6)
+    for s, e in targets:
+        ax.barh(0.55, e - s, left=s, color="black", height=0.12)
+    ax.set_xlim(0, length)
+    ax.set_yticks([])
+    ax.set_xlabel("token position (black line: training targets)")
+    handles = [ax.bar(0, 0, color=c, label=k) for k, c in COLOURS.items()]
+    ax.legend(handles=handles, ncol=len(COLOURS), loc="upper center", bbox_to_anchor=(0.5, -1.3),
+              fontsize=8, frameon=False)
+
+
+def draw(sample: dict[str, Any], pictures: list[np.ndarray], note: str, state: np.ndarray,
+         actions: np.ndarray, segs: list, out_png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    meta, tokens = sample["meta"], sample["tokens"]
+    n = max(len(pictures), 2)
+    fig = plt.figure(figsize=(max(10, 2.6 * n), 8))
+    grid = fig.add_gridspec(3, n, height_ratios=[3, 2.2, 0.5], hspace=0.45)
+    for i, (pic, label) in enumerate(zip(pictures, image_labels(meta, len(pictures)))):
+        ax = fig.add_subplot(grid[0, i])
+        ax.imshow(pic, cmap=None if pic.ndim == 3 else "viridis")
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    plot_vectors(fig.add_subplot(grid[1, : n // 2]), state, "state (normalized, bin centres)"
+                 if state.size else "state (not part of world-model samples)")
+    title = "action chunk (normalized)" if meta["kind"] == "vla" else "action a_t (bin centres)"
+    plot_vectors(fig.add_subplot(grid[1, n // 2:]), actions, title)
+    draw_segments(fig.add_subplot(grid[2, :]), segs, len(tokens), meta["targets"])
+    fig.suptitle(f"{meta['kind'].upper()} {sample['key']}  [{meta['split']}]  "
+                 f"{len(tokens)} tokens\n\"{meta['instruction']}\"\n{note}", fontsize=10)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_vectors(ax, values: np.ndarray, title: str) -> None:
+    """One line per row (step) over the dimensions; a single row as bars."""
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(-1.05, 1.05)
+    ax.axhline(0, color="#bbbbbb", lw=0.8)
+    if values.size == 0:
+        ax.text(0.5, 0.5, "none", ha="center", transform=ax.transAxes)
+    elif len(values) == 1:
+        ax.bar(np.arange(values.shape[1]), values[0], color="#59a14f")
+    else:
+        for k, row in enumerate(values):
+            ax.plot(np.arange(len(row)), row, marker="o", ms=3, label=f"t+{k}",
+                    color=(k / max(1, len(values) - 1), 0.3, 0.6))
+        ax.legend(fontsize=6, ncol=2)
+    ax.set_xlabel("dimension", fontsize=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+# ---------------------------------------------------------------------------------------------
+
+def inspect(directory: str | Path, out_png: str | Path, *, index: int = 0, kind: str = "vla",
+            vq_path: str | None = None) -> Path:
+    """Render sample `index` of `kind` ("vla" or "wm") of a shard set to `out_png`."""
+    if kind not in ("vla", "wm"):
+        raise RynnError(f"--kind {kind!r}: choose vla or wm")
+    root, out_png = Path(directory), Path(out_png)
+    manifest = read_json(root / MANIFEST)
+    lay = Layout.from_manifest(manifest)
+    sample = find_sample(root, manifest, kind, index)
+    tokens = sample["tokens"].astype(np.int64)
+    segs, problems = segments(tokens, lay)
+    if problems:
+        raise DataError(f"sample {sample['key']} does not parse: {problems[0]}", file=str(root))
+    tok = manifest_tokenizer(manifest)
+    grids = image_codes(tokens, segs, tok, lay.side)
+    handle, note = load_decoder(manifest, vq_path)
+    pictures = decode_images(grids, handle, tok is not None)
+    if pictures is None:
+        pictures, note = grids, note + "; images drawn as code maps (no decoder or code map)"
+    state = bins_of(tokens, segs, "state", vocab.STATE_BIN_BASE, lay.num_bins)
+    actions = sample["chunk"] if sample["chunk"] is not None else bins_of(
+        tokens, segs, "action", vocab.ACTION_BIN_BASE, lay.num_bins)
+    draw(sample, pictures, note, state, np.asarray(actions), segs, out_png)
+    return out_png
+

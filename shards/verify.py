@@ -1,0 +1,303 @@
+"""Check a shard directory against its manifest and the token layout; list every problem found.
+
+Re-hashes every shard (size and sha256), the stats copy, and re-reads every sample: member set and
+dtypes; the token layout segment by segment (image blocks = start, grid tokens, rows of image code
+ids each closed by a row end, end; action/state blocks = marker, exactly D/S bin ids within
+num_bins, end marker; text ids outside every special range); the segment order of the query kind
+(SPEC.md 6); targets = exactly the response plus its final SEP; the VLA chunk (K, D) float32 in
+[-1, 1] and consistent with the action bins; per-shard and total counts.
+
+    from shards.verify import verify
+    report = verify("out/demo/shards")      # report.problems == [] when everything is right
+    rynn-pipe verify out/demo/shards         # exits non-zero on any problem
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.io import sha256_bytes
+from shards import vocab
+from shards.conversation import VLA
+from shards.format import CHUNK, MANIFEST, META, SCHEMA, TOKENS, parse_members
+from shards.tokenizer import special_mask
+from stages.bins import from_bins
+
+MAX_PER_SHARD = 20   # problems reported per shard before summarizing
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    shards: int = 0
+    samples: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.samples.items()))
+        return f"{self.shards} shards, {kinds} samples, {self.tokens} tokens verified"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the manifest says a sample must look like."""
+
+    side: int            # codes per image side
+    action_dim: int
+    state_dim: int
+    history: int
+    chunk: int
+    num_bins: int
+
+    @classmethod
+    def from_manifest(cls, m: dict[str, Any]) -> "Layout":
+        c = m["conv"]
+        return cls(side=int(m["vocab"]["codes_per_side"]), action_dim=int(c["action_dim"]),
+                   state_dim=int(c["state_dim"]), history=int(c["history"]),
+                   chunk=int(c["chunk"]), num_bins=int(c["num_bins"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Token layout (pure).
+# ---------------------------------------------------------------------------------------------
+
+def image_block_problems(block: np.ndarray, side: int) -> list[str]:
+    grid = vocab.grid_token(side * vocab.VQ_DOWNSAMPLE)
+    if block[1] != grid or block[2] != grid:
+        return [f"image grid tokens {block[1:3].tolist()} != {grid}"]
+    rows = block[3:-1].reshape(side, side + 1)
+    if (rows[:, -1] != vocab.IMAGE_ROW_END).any():
+        return ["image row not closed by the row-end token"]
+    if not vocab.is_image_code(rows[:, :-1]).all():
+        return ["non-image-code id inside an image block"]
+    return []
+
+
+def bin_block_problems(block: np.ndarray, base: int, num_bins: int, what: str) -> list[str]:
+    bins = block[1:-1] - base
+    if ((bins < 1) | (bins > num_bins)).any():
+        return [f"{what} block has ids outside its {num_bins} bins"]
+    return []
+
+
+def segments(tokens: np.ndarray, lay: Layout) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """[(segment kind, start, end)] after BOS, and layout problems found while parsing."""
+    blocks = {vocab.IMAGE_START: ("image", vocab.image_block_len(lay.side * vocab.VQ_DOWNSAMPLE),
+                                  vocab.IMAGE_END),
+              vocab.ACTION_START: ("action", lay.action_dim + 2, vocab.ACTION_END),
+              vocab.STATE_START: ("state", lay.state_dim + 2, vocab.STATE_END)}
+    segs: list[tuple[str, int, int]] = []
+    i, n = 1, len(tokens)
+    while i < n:
+        t = int(tokens[i])
+        if t in blocks:
+            kind, length, end = blocks[t]
+            if i + length > n or tokens[i + length - 1] != end:
+                return segs, [f"{kind} block at {i} is not {length} tokens closed by {end}"]
+            segs.append((kind, i, i + length))
+            i += length
+        elif t == vocab.SEP:
+            segs.append(("sep", i, i + 1))
+            i += 1
+        else:
+            j = i
+            while j < n and int(tokens[j]) not in blocks and tokens[j] != vocab.SEP:
+                j += 1
+            segs.append(("text", i, j))
+            i = j
+    return segs, []
+
+
+def segment_problems(tokens: np.ndarray, segs: list[tuple[str, int, int]], lay: Layout
+                     ) -> list[str]:
+    out = []
+    for kind, s, e in segs:
+        block = tokens[s:e]
+        if kind == "image":
+            out += image_block_problems(block, lay.side)
+        elif kind == "action":
+            out += bin_block_problems(block, vocab.ACTION_BIN_BASE, lay.num_bins, "action")
+        elif kind == "state":
+            out += bin_block_problems(block, vocab.STATE_BIN_BASE, lay.num_bins, "state")
+        elif kind == "text" and special_mask(block).any():
+            out.append(f"special id inside text at {s}..{e}")
+    return out
+
+
+def expected_order(kind: str, step: int, lay: Layout) -> list[str]:
+    if kind == VLA:
+        frames = min(lay.history, step + 1)
+        return ["text", "state", *["image"] * (2 * frames), "sep", *["action"] * lay.chunk, "sep"]
+    return ["text", "image", "image", "action", "sep", "image", "image", "sep"]
+
+
+def token_problems(tokens: np.ndarray, meta: dict[str, Any], lay: Layout) -> list[str]:
+    """Layout problems of one sample's tokens and targets."""
+    if tokens.dtype != np.uint16 or tokens.ndim != 1 or len(tokens) < 3:
+        return [f"tokens must be 1-D uint16, got {tokens.dtype} {tokens.shape}"]
+    tokens = tokens.astype(np.int64)
+    if tokens[0] != vocab.BOS:
+        return ["first token is not BOS"]
+    segs, out = segments(tokens, lay)
+    if out:
+        return out
+    out += segment_problems(tokens, segs, lay)
+    order = [k for k, _, _ in segs]
+    if order != expected_order(meta["kind"], int(meta["step"]), lay):
+        out.append(f"segment order {order} is not a {meta['kind']} sample at step {meta['step']}")
+    elif meta["targets"] != [[segs[order.index("sep")][2], len(tokens)]]:
+        out.append(f"targets {meta['targets']} are not the response + final SEP")
+    return out
+
+
+def chunk_problems(chunk: np.ndarray | None, tokens: np.ndarray, lay: Layout) -> list[str]:
+    if chunk is None:
+        return ["VLA sample without chunk.npy"]
+    if chunk.dtype != np.float32 or chunk.shape != (lay.chunk, lay.action_dim):
+        return [f"chunk must be float32 {(lay.chunk, lay.action_dim)}, got {chunk.dtype} "
+                f"{chunk.shape}"]
+    if not np.isfinite(chunk).all() or np.abs(chunk).max() > 1:
+        return ["chunk values outside [-1, 1]"]
+    ids = tokens.astype(np.int64)
+    bins = ids[vocab.is_action_bin(ids)] - vocab.ACTION_BIN_BASE
+    if bins.size != chunk.size:
+        return ["chunk size does not match the action tokens"]
+    half = 1.0 / (lay.num_bins - 1) + 1e-5
+    if np.abs(from_bins(bins, lay.num_bins) - chunk.reshape(-1)).max() > half:
+        return ["chunk does not match the action bins"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+# ---------------------------------------------------------------------------------------------
+
+def read_samples(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) of an uncompressed tar, grouping consecutive members by key."""
+    key, members = None, {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                raise ValueError(f"non-file tar member {info.name!r}")
+            base, _, ext = info.name.partition(".")
+            if key is not None and base != key:
+                yield key, members
+                members = {}
+            key = base
+            if ext in members:
+                raise ValueError(f"member {info.name!r} appears twice")
+            members[ext] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def shard_bytes(path: Path, raw: bytes) -> bytes:
+    return gzip.decompress(raw) if path.name.endswith(".gz") else raw
+
+
+def sample_problems(key: str, members: dict[str, bytes], kind: str, lay: Layout,
+                    splits: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+    expected = {TOKENS, META, CHUNK} if kind == VLA else {TOKENS, META}
+    if set(members) != expected:
+        return [f"members {sorted(members)} != {sorted(expected)}"], {}
+    s = parse_members(key, members)
+    meta = s["meta"]
+    out = []
+    if meta.get("kind") != kind or f"{meta.get('episode')}__{int(meta.get('step', -1)):06d}" != key:
+        out.append(f"json kind/episode/step {meta.get('kind')}/{meta.get('episode')}/"
+                   f"{meta.get('step')} does not match the shard and key")
+    if meta.get("split") != splits.get(meta.get("episode"), meta.get("split")) or \
+            meta.get("split") not in ("train", "val"):
+        out.append(f"split {meta.get('split')!r} does not match the manifest")
+    if not isinstance(meta.get("instruction"), str):
+        out.append("instruction is not a string")
+    if out:
+        return out, meta
+    out += token_problems(s["tokens"], meta, lay)
+    if kind == VLA and not out:
+        out += chunk_problems(s["chunk"], s["tokens"], lay)
+    return out, {**meta, "n_tokens": len(s["tokens"])}
+
+
+def check_shard(root: Path, entry: dict[str, Any], lay: Layout, splits: dict[str, str],
+                report: Report, keys: set[tuple[str, str]]) -> None:
+    path, name = root / entry["path"], entry["path"]
+    if not path.is_file():
+        report.problems.append(f"{name}: listed in the manifest but missing")
+        return
+    raw = path.read_bytes()
+    if len(raw) != entry["bytes"] or sha256_bytes(raw) != entry["sha256"]:
+        report.problems.append(f"{name}: size or sha256 differs from the manifest")
+    problems, counts = [], {"samples": 0, "tokens": 0, "splits": {}}
+    try:
+        for key, members in read_samples(shard_bytes(path, raw)):
+            if (entry["kind"], key) in keys:
+                problems.append(f"{key}: duplicate sample key")
+            keys.add((entry["kind"], key))
+            found, meta = sample_problems(key, members, entry["kind"], lay, splits)
+            problems += [f"{key}: {p}" for p in found]
+            counts["samples"] += 1
+            counts["tokens"] += meta.get("n_tokens", 0)
+            sp = meta.get("split", "?")
+            counts["splits"][sp] = counts["splits"].get(sp, 0) + 1
+    except (OSError, EOFError, zlib.error, tarfile.TarError, ValueError, KeyError,
+            json.JSONDecodeError) as exc:
+        problems.append(f"unreadable: {type(exc).__name__}: {exc}")
+    report.problems += [f"{name}: {p}" for p in problems[:MAX_PER_SHARD]]
+    if len(problems) > MAX_PER_SHARD:
+        report.problems.append(f"{name}: ... {len(problems) - MAX_PER_SHARD} more problems")
+    for k in ("samples", "tokens", "splits"):
+        if k in entry and counts[k] != entry[k]:
+            report.problems.append(f"{name}: {k} {counts[k]} != manifest {entry[k]}")
+    report.samples[entry["kind"]] = report.samples.get(entry["kind"], 0) + counts["samples"]
+    report.tokens += counts["tokens"]
+    report.shards += 1
+
+
+def check_files(root: Path, manifest: dict[str, Any], report: Report) -> None:
+    listed = {e["path"] for e in manifest["shards"]}
+    for p in sorted(root.iterdir()):
+        if p.name.endswith((".tar", ".tar.gz")) and p.name not in listed:
+            report.problems.append(f"{p.name}: shard file not listed in the manifest")
+    stats = manifest.get("stats", {})
+    path = root / stats.get("path", "stats.json")
+    if not path.is_file() or sha256_bytes(path.read_bytes()) != stats.get("sha256"):
+        report.problems.append(f"{path.name}: missing or sha256 differs from the manifest")
+
+
+def check_totals(manifest: dict[str, Any], report: Report) -> None:
+    for kind, t in manifest.get("totals", {}).items():
+        if report.samples.get(kind, 0) != t["samples"]:
+            report.problems.append(f"totals: {report.samples.get(kind, 0)} {kind} samples read, "
+                                   f"manifest says {t['samples']}")
+
+
+def verify(directory: str | Path) -> Report:
+    """Every problem of the shard set in `directory` (an empty list when it is sound)."""
+    root, report = Path(directory), Report()
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        lay = Layout.from_manifest(manifest)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        report.problems.append(f"{MANIFEST}: unreadable or incomplete ({type(exc).__name__}: "
+                               f"{exc})")
+        return report
+    if manifest.get("schema") != SCHEMA:
+        report.problems.append(f"{MANIFEST}: schema {manifest.get('schema')!r} != {SCHEMA}")
+    splits = manifest.get("splits", {}).get("episodes", {})
+    keys: set[tuple[str, str]] = set()
+    for entry in manifest["shards"]:
+        check_shard(root, entry, lay, splits, report, keys)
+    check_files(root, manifest, report)
+    check_totals(manifest, report)
+    return report
+
