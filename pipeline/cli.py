@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from rich.markup import escape
 
 from pipeline.config import ConfigError
 from pipeline.errors import RynnError
@@ -38,7 +39,7 @@ def friendly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (RynnError, ConfigError) as exc:
-            console.print(f"[bold red]error[/]: {exc}")
+            console.print(f"[bold red]error[/]: {escape(str(exc))}")
             raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None
     return wrapper
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from rich.markup import escape
+
 from pipeline import __version__
 from pipeline.config import RunConfig, digest, select
 from pipeline.errors import StageError
@@ -67,7 +69,7 @@ class Context:
             console.print(msg)
 
     def warn(self, msg: str) -> None:
-        console.print(f"[bold yellow]WARNING[/]: {msg}")
+        console.print(f"[bold yellow]WARNING[/]: {escape(msg)}")
 
     def progress(self, total: int, desc: str) -> Progress:
         return Progress(total, desc, disable=self.quiet)

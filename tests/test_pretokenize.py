@@ -171,7 +171,7 @@ def test_runner_rerun_and_chunk_change_encode_nothing(cfg, world):
 
     stages = [Stage("filter", "1", ("source.*",), ("raw",), copy_filter), pretokenize.STAGE]
     done = Runner(cfg, stages, raw=root / "raw", cache=root / "cache", quiet=True).run()
-    manifest = read_json(done["pretokenize"] / "manifest.json")
+    manifest = read_json(done["pretokenize"] / "stage.json")
     assert manifest["counts"]["encodes"] == 22 and manifest["untrained_tokenizer"]
     chunk = replace(cfg, conv=replace(cfg.conv, chunk=3))
     for c in (cfg, chunk):

@@ -1,0 +1,79 @@
+"""`evaluate` writes its report and plots; metrics behave on known inputs.
+
+    OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_evaluate.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from trainer import metrics
+from trainer.evaluate import NOT_COMPUTED, EvalError, evaluate
+
+from test_policy import build_checkpoint
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("evaluate")
+
+
+def test_evaluate_writes_report(root, monkeypatch, tmp_path):
+    run, pipe = build_checkpoint(root, monkeypatch)
+    out = tmp_path / "eval"
+    report = evaluate(run, pipe["shards"], out, max_samples=6, max_discrete=2, max_generate=1,
+                      device="cpu")
+    assert report["held_out"] and report["split"] == "val"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["samples"] == report["samples"]
+    cont = report["actions"]["continuous"]
+    assert len(cont["normalized"]["l1"]) == 7 and cont["normalized"]["count"] == 6 * 3
+    disc = report["actions"]["discrete"]
+    assert disc["samples"] == 2 and disc["normalized"]["count"] + 3 * disc["malformed"] == 6
+    assert 0 <= report["actions"]["token_accuracy"]["action_bins"] <= 1
+    wm = report["world_model"]
+    assert wm["generated"]["images"] == 2 and wm["lpips"] == NOT_COMPUTED
+    assert 0 <= wm["teacher_forced"]["code_accuracy"] <= 1
+    for name in ("action_l1_per_dim.png", "wm_quality.png", "wm_examples.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_evaluate_refuses_foreign_shards(root, monkeypatch, tmp_path):
+    run, pipe = build_checkpoint(root, monkeypatch)
+    manifest = json.loads((pipe["shards"] / "manifest.json").read_text())
+    manifest["vq"]["digest"] = "0" * 64
+    foreign = tmp_path / "shards"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EvalError, match="VQ digest"):
+        evaluate(run, foreign, tmp_path / "eval", device="cpu")
+
+
+def test_action_errors_per_dimension():
+    pred = np.array([[0.0, 1.0], [2.0, 1.0]])
+    truth = np.array([[1.0, 1.0], [0.0, 1.0]])
+    errs = metrics.action_errors(pred, truth)
+    assert errs["l1"] == [1.5, 0.0] and errs["mse"] == [2.5, 0.0]
+    running = metrics.Running()
+    running.add(pred[:1], truth[:1])
+    running.add(pred[1:], truth[1:])
+    assert running.result()["l1"] == errs["l1"]
+
+
+def test_psnr_and_ssim():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+    assert np.allclose(metrics.ssim(img, img), 1.0)
+    assert np.all(metrics.psnr(img, img) == metrics.PSNR_CAP)
+    shifted = np.clip(img.astype(int) + 10, 0, 255).astype(np.uint8)
+    noisy = np.clip(img + rng.normal(0, 40, img.shape), 0, 255).astype(np.uint8)
+    assert metrics.ssim(img, shifted).mean() > metrics.ssim(img, noisy).mean()
+    flat = np.full((1, 16, 16, 1), 100, np.uint8)
+    # constant offset on a flat image: SSIM = luminance term only
+    c1 = (0.01 * 255) ** 2
+    expected = (2 * 100 * 120 + c1) / (100 ** 2 + 120 ** 2 + c1)
+    assert np.isclose(metrics.ssim(flat, flat + 20)[0], expected)
+    assert np.isclose(metrics.psnr(flat, flat + 20)[0], 10 * np.log10(255 ** 2 / 400))

@@ -1,0 +1,257 @@
+"""Policy and world model on a tiny pipeline-built shard set: parity, both action modes, refusals.
+
+    OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_policy.py -q
+
+The shard set comes from the real pipeline (`write_demo_suite` + `workflow.tokenize`, 64 px, small
+random VQ-GAN, K=3). The network is a tiny stand-in with the trainer's interface (`backbone`,
+`lm_head`, `action_head`); its output projection is fitted on one VLA sample so greedy decoding
+reproduces that sample's well-formed response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.demo_data import write_demo_suite
+from pipeline.io import load_npz, read_json, write_json
+from pipeline.workflow import resolve_config, tokenize
+from shards import vocab
+from shards.reader import read_shard
+from trainer import policy as pol
+from trainer.policy import (Backend, MalformedActions, Policy, PolicyError, attention_rule,
+                            parse_action_blocks)
+from trainer.world_model import imagine, rollout
+
+K, RES = 3, 64
+OVERRIDES = [f"image.resolution={RES}", "image.vq_random_arch=small", f"conv.chunk={K}",
+             "image.device=cpu"]
+_BUILT: dict[str, dict] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders shared with test_evaluate.py.
+# ---------------------------------------------------------------------------------------------
+
+def build_pipeline(root: Path) -> dict:
+    """Demo suite -> shards (cached per process). Returns raw dir, stage dirs and shards dir."""
+    if "pipe" not in _BUILT:
+        raw = root / "raw"
+        write_demo_suite(raw, flavour="raw", size=128, tasks=2, demos=2, seed=0, steps=24)
+        done = tokenize(resolve_config("demo", OVERRIDES), raw, root / "out", quiet=True)
+        _BUILT["pipe"] = {"raw": raw, "stages": done, "shards": root / "out" / "shards"}
+    return _BUILT["pipe"]
+
+
+class TinyHead(nn.Module):
+    """Masked mean pool -> tanh(linear) -> (B, K, D): the head interface, tiny."""
+
+    def __init__(self, hidden: int, k: int, d: int) -> None:
+        super().__init__()
+        self.k, self.d, self.proj = k, d, nn.Linear(hidden, k * d)
+
+    def forward(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        w = keep.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1)
+        return torch.tanh(self.proj(pooled)).view(-1, self.k, self.d)
+
+
+class TinyModel(nn.Module):
+    def __init__(self, k: int, d: int, hidden: int = 32) -> None:
+        super().__init__()
+        from transformers import ChameleonConfig, ChameleonModel
+        cfg = ChameleonConfig(vocab_size=vocab.VOCAB_SIZE, hidden_size=hidden,
+                              intermediate_size=2 * hidden, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=2,
+                              vocabulary_map={"<image>": 8711}, attn_implementation="sdpa")
+        self.backbone = ChameleonModel(cfg)
+        self.lm_head = nn.Linear(hidden, vocab.VOCAB_SIZE, bias=False)
+        self.action_head = TinyHead(hidden, k, d)
+
+
+def fit_output(model: TinyModel, sample, steps: int = 150) -> None:
+    """Fit only the output projection so argmax reproduces the sample's response."""
+    ids = np.asarray(sample.tokens, np.int64)
+    start = int(sample.targets[0][0])
+    mask = pol.additive_mask(torch.from_numpy(attention_rule(ids)), torch.float32)
+    with torch.no_grad():
+        hidden = model.backbone(input_ids=torch.from_numpy(ids)[None],
+                                attention_mask=mask).last_hidden_state[0, start - 1:-1]
+    target = torch.from_numpy(ids[start:])
+    weight = model.lm_head.weight
+    opt = torch.optim.Adam([weight], lr=5e-2)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(hidden @ weight.T, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    weight.requires_grad_(False)
+    assert ((hidden @ weight.T).argmax(-1) == target).all(), "stand-in output fit failed"
+
+
+def card_doc(pipe: dict) -> dict:
+    """A processor card with the fields `trainer.policy.read_card` reads."""
+    manifest = read_json(pipe["shards"] / "manifest.json")
+    store = read_json(pipe["stages"]["pretokenize"] / "store.json")
+    return {"resolution": store["resolution"], "orientation": store["orientation"],
+            "K": manifest["conv"]["chunk"], "D": manifest["conv"]["action_dim"],
+            "state_dim": manifest["conv"]["state_dim"], "M": manifest["conv"]["history"],
+            "stats": read_json(pipe["shards"] / "stats.json"), "tokenizer": manifest["tokenizer"],
+            "vq": manifest["vq"], "recipe": manifest["recipe"]}
+
+
+def first_vla(pipe: dict, split: str = "val"):
+    return read_shard(pipe["shards"] / "vla-000000.tar.gz", split)[0]
+
+
+def build_checkpoint(root: Path, monkeypatch) -> tuple[Path, dict]:
+    """run/step-000000/processor.json + `latest`; the model loader returns the fitted stand-in."""
+    pipe = build_pipeline(root)
+    if "model" not in _BUILT:
+        torch.manual_seed(0)
+        model = TinyModel(K, 7).eval()
+        fit_output(model, first_vla(pipe))
+        _BUILT["model"] = model
+    run = root / "run"
+    write_json(run / "step-000000" / "processor.json", card_doc(pipe))
+    (run / "latest").write_text("step-000000\n")
+    monkeypatch.setattr(pol, "load_model", lambda step_dir, device: _BUILT["model"])
+    return run, pipe
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("policy")
+
+
+@pytest.fixture
+def ckpt(root, monkeypatch):
+    return build_checkpoint(root, monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw inputs of a shard sample, as the robot would give them (HDF5 rows, before orientation).
+# ---------------------------------------------------------------------------------------------
+
+def raw_inputs(pipe: dict, sample) -> dict:
+    episode, step = sample.key.rsplit("__", 1)
+    step = int(step)
+    filter_dir = pipe["stages"]["filter"]
+    row = next(r for r in read_json(filter_dir / "episodes.json")["episodes"] if r["id"] == episode)
+    obs = load_npz(filter_dir / row["file"])["obs_index"]
+    with h5py.File(pipe["raw"] / row["source"], "r") as f:
+        d = f["data"][row["key"]]["obs"]
+        r = int(obs[step])
+        out = {"instruction": row["instruction"], "front": d["agentview_rgb"][r],
+               "wrist": d["eye_in_hand_rgb"][r],
+               "state": np.concatenate([d["ee_pos"][r], d["ee_ori"][r], d["gripper_states"][r]])}
+        if step > 0:
+            p = int(obs[step - 1])
+            out.update(prev_front=d["agentview_rgb"][p], prev_wrist=d["eye_in_hand_rgb"][p])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests.
+# ---------------------------------------------------------------------------------------------
+
+def test_train_inference_parity(ckpt):
+    """Raw HDF5 frames + state through the policy give exactly the shard's prompt tokens."""
+    run, pipe = ckpt
+    policy = Policy.from_checkpoint(run, device="cpu")
+    samples = read_shard(pipe["shards"] / "vla-000000.tar.gz")
+    picked = [s for s in samples if s.key.endswith("__000000")][:1] + samples[5::17]
+    for sample in picked:
+        inputs = raw_inputs(pipe, sample)
+        tokens = policy.prompt_tokens(**inputs)
+        expected = np.asarray(sample.tokens[:sample.targets[0][0]], np.int64)
+        np.testing.assert_array_equal(tokens, expected, err_msg=sample.key)
+    # the orientation matters: without the card's rotation the image tokens differ
+    upside_down = replace(policy.card, orientation="none")
+    flipped = pol.Processor(upside_down, policy.processor.tokenizer,
+                            policy.processor.vq).prompt_tokens(**inputs)
+    assert not np.array_equal(flipped, expected)
+
+
+def test_act_both_modes(ckpt):
+    run, pipe = ckpt
+    policy = Policy.from_checkpoint(run / "latest", device="cpu")
+    inputs = raw_inputs(pipe, first_vla(pipe))
+    cont = policy.act(**inputs, mode="continuous")
+    disc = policy.act(**inputs, mode="discrete")
+    nocache = policy.act(**inputs, mode="discrete", use_cache=False)
+    assert cont.shape == disc.shape == (K, 7)
+    assert np.isfinite(cont).all() and np.isfinite(disc).all()
+    np.testing.assert_array_equal(disc, nocache)
+    # the fitted response decodes to the shard's bins, in robot units
+    stats = policy.card.stats
+    chunk = first_vla(pipe).chunk.astype(np.float64)
+    assert np.abs(disc - pol.unnormalize(chunk, stats.action.min, stats.action.max)).max() \
+        <= (stats.action.max - stats.action.min).max() / 255 + 1e-9
+
+
+def test_malformed_generation_is_reported(ckpt):
+    run, pipe = ckpt
+    policy = Policy.from_checkpoint(run, device="cpu")
+    other = read_shard(pipe["shards"] / "vla-000000.tar.gz", "train")[0]
+    prompt = np.asarray(other.tokens[:other.targets[0][0]], np.int64)
+    try:
+        policy.discrete_norm(prompt)
+    except MalformedActions as exc:
+        assert exc.problems and len(exc.tokens)
+    bins, problems = parse_action_blocks(np.array([vocab.ACTION_START, 10010, vocab.ACTION_END]),
+                                         2, 7)
+    assert len(bins) == 0 and any("expected D=7" in p for p in problems)
+    assert any("expected K=2" in p for p in problems)
+
+
+def test_refuses_mismatched_inputs(ckpt, tmp_path):
+    run, pipe = ckpt
+    policy = Policy.from_checkpoint(run, device="cpu")
+    later = next(s for s in read_shard(pipe["shards"] / "vla-000000.tar.gz")
+                 if not s.key.endswith("__000000"))
+    inputs = raw_inputs(pipe, later)
+    with pytest.raises(PolicyError, match="state: expected 8"):
+        policy.act(**{**inputs, "state": np.zeros(7)})
+    with pytest.raises(PolicyError, match="prev_front and prev_wrist"):
+        policy.act(**{**inputs, "prev_wrist": None})
+    with pytest.raises(PolicyError, match="uint8"):
+        policy.act(**{**inputs, "front": inputs["front"].astype(np.float32)})
+    with pytest.raises(PolicyError, match="VQ-GAN .* digest"):
+        other_vq = {**policy.card.vq, "source": "random-small-seed1"}
+        pol.load_vq_for(replace(policy.card, vq=other_vq), None, torch.device("cpu"))
+    from fixtures_tokenizer import write_tokenizer
+    path, _ = write_tokenizer(tmp_path / "text_tokenizer.json", seed=0)
+    with pytest.raises(PolicyError, match="tokenizer .* digest"):
+        pol.load_tokenizer_for(policy.card, path)
+
+
+def test_attention_rule_hides_earlier_action_blocks():
+    ids = np.array([0, 16100, vocab.IMAGE_START, 5, vocab.IMAGE_END, vocab.SEP,
+                    *vocab.action_block(np.array([1, 2])), *vocab.action_block(np.array([3, 4])),
+                    vocab.SEP])
+    allowed = attention_rule(ids)
+    first, second = slice(6, 10), slice(10, 14)
+    assert not allowed[second, first].any()
+    assert allowed[second, :6].all() and allowed[first, :6].all()
+    assert allowed[14].all()                                  # the closing SEP sees everything
+
+
+def test_imagine_and_rollout(ckpt, tmp_path):
+    run, pipe = ckpt
+    policy = Policy.from_checkpoint(run, device="cpu")
+    inputs = raw_inputs(pipe, first_vla(pipe))
+    result = imagine(policy, inputs["front"], inputs["wrist"], np.zeros(7), steps=2,
+                     out=tmp_path / "imagine")
+    assert result.codes.shape == (2, 2, RES // 16, RES // 16)
+    assert result.images.shape == (2, 2, RES, RES, 3)
+    assert len(result.files) == 4 and all(Path(f).stat().st_size for f in result.files)
+    report = rollout(policy, pipe["shards"], steps=3, out=tmp_path / "rollout")
+    assert report["held_out"] and len(report["psnr"]) == 3
+    assert (tmp_path / "rollout" / "rollout_strip.png").stat().st_size > 0
