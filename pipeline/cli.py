@@ -150,6 +150,126 @@ def decode_cmd(store: Path = typer.Argument(..., help="A pretokenize output dir 
     console.print(f"wrote {len(paths)} images to {out}")
 
 
+@app.command("train")
+@friendly
+def train_cmd(shards: Path = typer.Option(..., "--shards", help="Shard directory (rynn-pipe tokenize)."),
+              out: Path = typer.Option(..., "--out", "-o", help="Run directory."),
+              preset: str = typer.Option("tiny", help="Model preset: test, tiny, 7b."),
+              steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+              resume: bool = typer.Option(False, help="Continue from the run's latest checkpoint."),
+              init: Optional[Path] = typer.Option(None, help="Local HF Chameleon checkpoint to start from."),
+              sets: Optional[list[str]] = SetOpt) -> None:
+    """Train the unified VLA + world model on shards (torchrun launches data parallel)."""
+    from trainer.train import train
+    from trainer.config import resolve_train_config
+    cfg = resolve_train_config(preset, sets or [], steps=steps)
+    run = train(cfg, shards, out, resume=resume, init=init)
+    console.print(f"[bold green]checkpoints[/]: {run}")
+
+
+def _image(path: Path):
+    import numpy as np
+    if path.suffix == ".npy":
+        return np.load(path)
+    from PIL import Image
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _vector(text: str):
+    import numpy as np
+    return np.load(text) if text.endswith(".npy") else np.array([float(x) for x in text.split(",")])
+
+
+@app.command("act")
+@friendly
+def act_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run dir or latest)."),
+            instruction: str = typer.Option(..., help="Task instruction."),
+            state: str = typer.Option(..., help="State: a .npy file or comma-separated values."),
+            front: Path = typer.Option(..., help="Front camera frame (.png or .npy HxWx3 uint8), raw."),
+            wrist: Path = typer.Option(..., help="Wrist camera frame, raw."),
+            prev_front: Optional[Path] = typer.Option(None, help="Previous front frame (history)."),
+            prev_wrist: Optional[Path] = typer.Option(None, help="Previous wrist frame (history)."),
+            mode: str = typer.Option("continuous", help="continuous (action head) or discrete."),
+            no_cache: bool = typer.Option(False, help="Discrete mode without the KV cache."),
+            vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
+            tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path."),
+            out: Optional[Path] = typer.Option(None, help="Write the K x D actions to this .npy.")) -> None:
+    """Next K actions in the robot's units from a checkpoint and raw observations."""
+    import numpy as np
+    from trainer.policy import MalformedActions, Policy
+    policy = Policy.from_checkpoint(checkpoint, vq_path=vq_path, tokenizer_path=tokenizer_path)
+    prev = [_image(p) if p else None for p in (prev_front, prev_wrist)]
+    try:
+        actions = policy.act(instruction, _vector(state), _image(front), _image(wrist),
+                             prev_front=prev[0], prev_wrist=prev[1], mode=mode,
+                             use_cache=not no_cache)
+    except MalformedActions as exc:
+        for problem in exc.problems:
+            console.print(f"[red]malformed[/]: {escape(str(problem))}")
+        raise typer.Exit(1) from None
+    if out is not None:
+        np.save(out, actions)
+    np.set_printoptions(precision=4, suppress=True)
+    print(actions)
+
+
+@app.command("imagine")
+@friendly
+def imagine_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run dir or latest)."),
+                out: Path = typer.Option(Path("imagined"), "--out", "-o", help="Directory for PNGs."),
+                front: Optional[Path] = typer.Option(None, help="Front frame (.png/.npy), raw."),
+                wrist: Optional[Path] = typer.Option(None, help="Wrist frame (.png/.npy), raw."),
+                action: Optional[str] = typer.Option(None, help="Action: .npy or comma-separated."),
+                steps: int = typer.Option(1, help="Frames to generate (rollout length)."),
+                rollout: bool = typer.Option(False, help="Roll out along a held-out trajectory."),
+                shards: Optional[Path] = typer.Option(None, help="Shards for --rollout."),
+                episode: Optional[str] = typer.Option(None, help="Episode for --rollout."),
+                start: int = typer.Option(0, help="First step for --rollout."),
+                temperature: float = typer.Option(0.0, help="0 = greedy."),
+                seed: int = typer.Option(0, help="Sampling seed."),
+                vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
+                tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path.")) -> None:
+    """World model: generate the next frame(s) from images and an action, decode them to PNGs."""
+    from trainer.policy import Policy
+    from trainer.world_model import imagine, rollout as do_rollout
+    policy = Policy.from_checkpoint(checkpoint, vq_path=vq_path, tokenizer_path=tokenizer_path)
+    if rollout:
+        if shards is None:
+            raise RynnError("--rollout needs --shards DIR (a held-out trajectory is read from it)")
+        result = do_rollout(policy, shards, steps=steps, out=out, episode=episode, start=start)
+    else:
+        if front is None or wrist is None or action is None:
+            raise RynnError("imagine needs --front, --wrist and --action (or --rollout --shards)")
+        result = imagine(policy, _image(front), _image(wrist), _vector(action), steps=steps,
+                         out=out, temperature=temperature, seed=seed)
+    console.print(f"wrote images to {out}")
+    del result
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run dir or latest)."),
+             shards: Path = typer.Option(..., help="Shard directory (its held-out split is used)."),
+             out: Path = typer.Option(Path("eval"), "--out", "-o", help="Report directory."),
+             max_samples: int = typer.Option(32, help="VLA/WM samples for teacher-forced metrics."),
+             max_discrete: int = typer.Option(16, help="Samples decoded in discrete mode."),
+             max_generate: int = typer.Option(4, help="World-model frames generated and decoded."),
+             vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
+             tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path.")) -> None:
+    """Held-out metrics: action L1/MSE (both modes), token accuracy, PSNR/SSIM; JSON + plots."""
+    import json
+    from trainer.evaluate import evaluate
+    report = evaluate(checkpoint, shards, out, max_samples=max_samples, max_discrete=max_discrete,
+                      max_generate=max_generate, vq_path=vq_path, tokenizer_path=tokenizer_path)
+    console.print(escape(json.dumps(_headline(report), indent=1, default=str)))
+    console.print(f"report: {out / 'report.json'}")
+
+
+def _headline(report: dict) -> dict:
+    keys = ("split", "held_out", "continuous", "discrete", "world_model")
+    return {k: report[k] for k in keys if k in report}
+
+
 def main() -> None:
     try:
         app()

@@ -103,6 +103,10 @@ def shard_manifest(cfg: RunConfig, entries: list[dict], stats_bytes: bytes, stat
         "vq": {"digest": vq.get("digest"), "untrained": vq.get("untrained"),
                "source": vq.get("source"), "arch": vq.get("arch")},
         "vocab": vocab_facts(int(store["resolution"])),
+        # how raw camera frames became these tokens: what inference must do to match training
+        "images": {"orientation": store.get("orientation"), "views": store.get("views"),
+                   "preprocessing": store.get("preprocessing"),
+                   "resolution": int(store["resolution"])},
         "conv": {"history": cfg.conv.history, "chunk": cfg.conv.chunk, "num_bins": stats.num_bins,
                  "relative_action_dims": list(cfg.conv.relative_action_dims), **dims},
         "drops": drop_summary(drops), "splits": split_summary(rows, split)}
@@ -197,5 +201,5 @@ def input_digest(ctx: Context) -> dict[str, str]:
     return out
 
 
-STAGE = Stage(name="shards", version="1", fields=FIELDS, deps=DEPS, run=run, estimate=estimate,
+STAGE = Stage(name="shards", version="2", fields=FIELDS, deps=DEPS, run=run, estimate=estimate,
               input_digest=input_digest)

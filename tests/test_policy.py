@@ -25,7 +25,7 @@ from pipeline.workflow import resolve_config, tokenize
 from shards import vocab
 from shards.reader import read_shard
 from trainer import policy as pol
-from trainer.policy import (Backend, MalformedActions, Policy, PolicyError, attention_rule,
+from trainer.policy import (MalformedActions, Policy, PolicyError, attention_rule,
                             parse_action_blocks)
 from trainer.world_model import imagine, rollout
 
@@ -255,3 +255,12 @@ def test_imagine_and_rollout(ckpt, tmp_path):
     report = rollout(policy, pipe["shards"], steps=3, out=tmp_path / "rollout")
     assert report["held_out"] and len(report["psnr"]) == 3
     assert (tmp_path / "rollout" / "rollout_strip.png").stat().st_size > 0
+
+
+def test_attention_rule_rows_match_full_matrix():
+    ids = np.array([0, vocab.IMAGE_START, 5, vocab.IMAGE_END, vocab.SEP,
+                    *vocab.action_block(np.array([1, 2])), *vocab.action_block(np.array([3, 4])),
+                    vocab.ACTION_START, 10010])
+    full = attention_rule(ids)
+    for start in range(len(ids)):
+        np.testing.assert_array_equal(attention_rule(ids, start), full[start:])

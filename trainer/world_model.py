@@ -1,0 +1,307 @@
+"""World model: imagine the next front/wrist frames from the current ones and an action.
+
+    from trainer.policy import Policy
+    from trainer.world_model import imagine, rollout
+    policy = Policy.from_checkpoint("runs/demo/latest")
+    result = imagine(policy, front, wrist, action, out="runs/demo/imagine")   # raw arrays
+    result.codes   # (steps, 2, h, w) codebook indices; result.images (steps, 2, H, W, 3) uint8
+    report = rollout(policy, "out/demo/shards", steps=8, out="runs/demo/rollout")
+
+The query is the shards' world-model sequence (SPEC.md 6): BOS + WM prompt + [front_j, wrist_j]
+image blocks + the action block of a_j + SEP. The response layout is fixed (two image blocks), so
+generation forces every structural token (image start, grid, row ends, image end) and chooses
+only the code positions, among the 8192 image-code ids (greedy, or sampled with `temperature`).
+Codes are decoded with the checkpoint's VQ-GAN decoder. Images are in TRAINING orientation (the
+card's; upright for LIBERO), like the frames the model saw.
+
+With `steps > 1` (and one action per step) predictions are fed back: step i's predicted frames
+are step i+1's input. `rollout` does that along a held-out episode of a shard set, taking the
+actions and the ground truth from its consecutive world-model samples, and writes a strip PNG
+(rows: predicted front, true front, predicted wrist, true wrist; one column per step; the ground
+truth is the VQ-GAN decoding of the shard's target tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import RynnError
+from shards import vocab
+from shards.conversation import assemble
+from stages.bins import to_bins
+from trainer.policy import Stepper, check_image
+
+VIEWS = ("front", "wrist")
+
+
+class WorldModelError(RynnError):
+    """Bad world-model inputs (shapes, actions, shard samples)."""
+
+
+@dataclass
+class Imagined:
+    codes: np.ndarray                    # (steps, 2, h, w) int64 codebook indices
+    images: np.ndarray                   # (steps, 2, H, W, 3) uint8, training orientation
+    tokens: list[np.ndarray] = field(default_factory=list)   # generated response per step
+    files: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image blocks <-> codes.
+# ---------------------------------------------------------------------------------------------
+
+def code_positions(side: int) -> np.ndarray:
+    """Offsets of the code tokens inside one image block of side x side codes."""
+    rows = np.arange(side)[:, None] * (side + 1) + np.arange(side)[None, :]
+    return (3 + rows).reshape(-1)
+
+
+def block_codes(block: np.ndarray, side: int, id_to_code: np.ndarray) -> np.ndarray:
+    """One image block (tokens) -> (side, side) codebook indices; raises on a non-code token."""
+    ids = np.asarray(block, dtype=np.int64)[code_positions(side)]
+    codes = id_to_code[ids]
+    if (codes < 0).any():
+        raise WorldModelError(f"image block holds non-image-code ids {ids[codes < 0][:5].tolist()}")
+    return codes.reshape(side, side)
+
+
+def image_blocks_in(tokens: np.ndarray, block_len: int) -> list[np.ndarray]:
+    """Every image block of a token sequence, in order."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    starts = np.flatnonzero(tokens == vocab.IMAGE_START)
+    return [tokens[s:s + block_len] for s in starts.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------
+# One step.
+# ---------------------------------------------------------------------------------------------
+
+def wm_prompt(policy, codes: np.ndarray, action_bins: np.ndarray) -> np.ndarray:
+    """BOS + WM prompt + [front, wrist] blocks + action block + SEP. codes: (2, h, w)."""
+    proc = policy.processor
+    text = np.asarray(proc.tokenizer.encode(vocab.WM_PROMPT), np.int64)
+    blocks = [proc.image_block(c) for c in codes]
+    tokens, _ = assemble([text, *blocks, vocab.action_block(action_bins)], [])
+    return tokens[:-1]
+
+
+def allowed_codes(policy) -> torch.Tensor:
+    """Bool (V,) mask of the image-code ids."""
+    mask = torch.zeros(vocab.VOCAB_SIZE, dtype=torch.bool)
+    mask[torch.from_numpy(policy.processor.tokenizer.image_code_to_id)] = True
+    return mask
+
+
+def generate_frames(policy, prompt: np.ndarray, *, temperature: float = 0.0,
+                    generator: torch.Generator | None = None,
+                    use_cache: bool = True) -> np.ndarray:
+    """The response [front block, wrist block] with forced structure; returns its tokens."""
+    template = np.concatenate([policy.processor.image_block(np.zeros((s, s), np.int64))
+                               for s in [policy.card.resolution // vocab.VQ_DOWNSAMPLE] * 2])
+    is_code = np.zeros(len(template), dtype=bool)
+    side = policy.card.resolution // vocab.VQ_DOWNSAMPLE
+    for b in range(2):
+        is_code[b * (len(template) // 2) + code_positions(side)] = True
+    stepper, allowed = Stepper(policy.backend, prompt, use_cache=use_cache), allowed_codes(policy)
+    for pos, token in enumerate(template.tolist()):
+        if not is_code[pos]:
+            stepper.append(token)
+        elif temperature <= 0:
+            stepper.greedy(allowed)
+        else:
+            stepper.append(_sample(stepper.next_logits(), allowed, temperature, generator))
+    return np.asarray(stepper.ids[len(prompt):], dtype=np.int64)
+
+
+def _sample(logits: torch.Tensor, allowed: torch.Tensor, temperature: float,
+            generator: torch.Generator | None) -> int:
+    logits = logits.masked_fill(~allowed.to(logits.device), float("-inf")) / temperature
+    probs = torch.softmax(logits.float().cpu(), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def response_codes(policy, response: np.ndarray) -> np.ndarray:
+    """Generated response tokens -> (2, h, w) codes."""
+    side = policy.card.resolution // vocab.VQ_DOWNSAMPLE
+    n = vocab.image_block_len(policy.card.resolution)
+    id_to_code = policy.processor.tokenizer.id_to_image_code
+    return np.stack([block_codes(response[i * n:(i + 1) * n], side, id_to_code) for i in range(2)])
+
+
+def decode_codes(policy, codes: np.ndarray) -> np.ndarray:
+    """(..., h, w) codes -> (..., H, W, 3) uint8 with the checkpoint's VQ-GAN decoder."""
+    from stages.vq_decoder import decode
+    codes = np.asarray(codes)
+    flat = decode(policy.processor.vq, codes.reshape(-1, *codes.shape[-2:]))
+    return flat.reshape(*codes.shape[:-2], *flat.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The API.
+# ---------------------------------------------------------------------------------------------
+
+def action_bins(policy, action: np.ndarray, state: np.ndarray | None) -> np.ndarray:
+    """Robot-unit actions (steps, D) -> bins, made relative to `state` on relative dims."""
+    card = policy.card
+    action = np.asarray(action, dtype=np.float64)
+    action = action[None] if action.ndim == 1 else action
+    if action.ndim != 2 or action.shape[1] != card.action_dim:
+        raise WorldModelError(f"action: expected (D,) or (steps, D) with D={card.action_dim}, "
+                              f"got {np.shape(action)}")
+    if card.relative_dims:
+        if state is None:
+            raise WorldModelError(f"recipe {card.recipe!r} uses actions relative to the state on "
+                                  f"dims {list(card.relative_dims)}: pass state=")
+        action = action.copy()
+        action[:, list(card.relative_dims)] -= np.asarray(state, np.float64)[list(card.relative_dims)]
+    return to_bins(card.codec().action_norm(action), card.num_bins)
+
+
+def imagine_codes(policy, codes: np.ndarray, bins: np.ndarray, *, temperature: float = 0.0,
+                  seed: int = 0, use_cache: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+    """From (2, h, w) codes and action bins (steps, D): predicted codes (steps, 2, h, w)."""
+    generator = torch.Generator().manual_seed(seed)
+    out, responses = [], []
+    for step_bins in np.asarray(bins):
+        response = generate_frames(policy, wm_prompt(policy, codes, step_bins),
+                                   temperature=temperature, generator=generator,
+                                   use_cache=use_cache)
+        codes = response_codes(policy, response)
+        out.append(codes)
+        responses.append(response)
+    return np.stack(out), responses
+
+
+def imagine(policy, front: np.ndarray, wrist: np.ndarray, action: np.ndarray, *, steps: int = 1,
+            state: np.ndarray | None = None, out: str | Path | None = None,
+            temperature: float = 0.0, seed: int = 0) -> Imagined:
+    """Raw current frames + action(s) in robot units -> imagined next frames (PNGs in `out`).
+
+    `action` is (D,) (repeated for every step) or (steps, D).
+    """
+    bins = action_bins(policy, action, state)
+    if len(bins) == 1 and steps > 1:
+        bins = np.repeat(bins, steps, axis=0)
+    if len(bins) != steps:
+        raise WorldModelError(f"{len(bins)} actions given for steps={steps}")
+    codes = policy.processor.image_codes([check_image(front, "front"),
+                                          check_image(wrist, "wrist")])
+    pred, responses = imagine_codes(policy, codes, bins, temperature=temperature, seed=seed)
+    result = Imagined(pred, decode_codes(policy, pred), responses)
+    if out is not None:
+        result.files = write_frames(result.images, Path(out))
+    return result
+
+
+def write_frames(images: np.ndarray, out: Path) -> list[str]:
+    """step_NNN_<view>.png for each (step, view) image."""
+    from stages.vq_decoder import png_bytes
+    from pipeline.io import write_bytes
+    files = []
+    for i, pair in enumerate(images):
+        for view, img in zip(VIEWS, pair):
+            path = out / f"step_{i:03d}_{view}.png"
+            write_bytes(path, png_bytes(img))
+            files.append(str(path))
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout along a held-out episode of a shard set.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Trajectory:
+    episode: str
+    split: str
+    start_codes: np.ndarray      # (2, h, w)
+    bins: np.ndarray             # (steps, D)
+    truth: np.ndarray            # (steps, 2, h, w) ground-truth next-frame codes
+
+
+def wm_samples_by_episode(shards: str | Path, split: str) -> dict[str, list]:
+    """World-model samples of `split`, grouped by episode and sorted by step."""
+    from pipeline.io import read_json
+    from shards.reader import read_shard
+    root = Path(shards)
+    groups: dict[str, list] = {}
+    for entry in read_json(root / "manifest.json")["shards"]:
+        if entry["kind"] == "wm":
+            for s in read_shard(root / entry["path"], split):
+                episode, step = s.key.rsplit("__", 1)
+                groups.setdefault(episode, []).append((int(step), s))
+    return {e: [s for _, s in sorted(v, key=lambda x: x[0])] for e, v in sorted(groups.items())}
+
+
+def pick_trajectory(policy, shards: str | Path, steps: int, episode: str | None = None,
+                    start: int = 0) -> Trajectory:
+    """`steps` consecutive world-model samples of one held-out (else training) episode."""
+    split = "val"
+    groups = wm_samples_by_episode(shards, split)
+    if not groups:
+        split, groups = "train", wm_samples_by_episode(shards, "train")
+    if episode is not None and episode not in groups:
+        raise WorldModelError(f"episode {episode!r} has no {split} world-model samples; "
+                              f"choose one of {sorted(groups)[:5]}")
+    candidates = [episode] if episode else [e for e, v in groups.items() if len(v) >= start + steps]
+    if not candidates or len(groups[candidates[0]]) < start + steps:
+        raise WorldModelError(f"no {split} episode has {start + steps} world-model steps; "
+                              "lower --steps")
+    samples = groups[candidates[0]][start:start + steps]
+    return _trajectory(policy, candidates[0], split, samples)
+
+
+def _trajectory(policy, episode: str, split: str, samples: list) -> Trajectory:
+    n = vocab.image_block_len(policy.card.resolution)
+    side = policy.card.resolution // vocab.VQ_DOWNSAMPLE
+    id_to_code = policy.processor.tokenizer.id_to_image_code
+    bins, truth = [], []
+    for s in samples:
+        tokens = np.asarray(s.tokens, dtype=np.int64)
+        blocks = image_blocks_in(tokens, n)
+        if len(blocks) != 4:
+            raise WorldModelError(f"{s.key}: expected 4 image blocks, found {len(blocks)}")
+        a = tokens[np.flatnonzero(tokens == vocab.ACTION_START)[0] + 1:][:policy.card.action_dim]
+        bins.append(a - vocab.ACTION_BIN_BASE)
+        truth.append([block_codes(b, side, id_to_code) for b in blocks[2:]])
+    first = image_blocks_in(np.asarray(samples[0].tokens, np.int64), n)[:2]
+    start = np.stack([block_codes(b, side, id_to_code) for b in first])
+    return Trajectory(episode, split, start, np.stack(bins), np.asarray(truth))
+
+
+def rollout(policy, shards: str | Path, *, steps: int = 8, out: str | Path,
+            episode: str | None = None, start: int = 0) -> dict[str, Any]:
+    """Feed predictions back along a held-out trajectory; write the strip PNG and metrics."""
+    from trainer.metrics import psnr, ssim
+    traj = pick_trajectory(policy, shards, steps, episode, start)
+    pred, _ = imagine_codes(policy, traj.start_codes, traj.bins)
+    images, truth = decode_codes(policy, pred), decode_codes(policy, traj.truth)
+    out = Path(out)
+    strip = strip_image(images, truth)
+    from stages.vq_decoder import png_bytes
+    from pipeline.io import write_bytes, write_json
+    write_bytes(out / "rollout_strip.png", png_bytes(strip))
+    report = {"episode": traj.episode, "split": traj.split, "start": start, "steps": steps,
+              "held_out": traj.split == "val",
+              "token_accuracy": float((pred == traj.truth).mean()),
+              "psnr": psnr(images, truth).mean(axis=1).tolist(),
+              "ssim": ssim(images, truth).mean(axis=1).tolist(),
+              "strip": str(out / "rollout_strip.png")}
+    write_json(out / "rollout.json", report)
+    return report
+
+
+def strip_image(pred: np.ndarray, truth: np.ndarray, gap: int = 2) -> np.ndarray:
+    """Rows: pred front, true front, pred wrist, true wrist; one column per step."""
+    steps, _, h, w, _ = pred.shape
+    canvas = np.full((4 * h + 3 * gap, steps * w + (steps - 1) * gap, 3), 255, np.uint8)
+    rows = [pred[:, 0], truth[:, 0], pred[:, 1], truth[:, 1]]
+    for r, row in enumerate(rows):
+        for c in range(steps):
+            canvas[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = row[c]
+    return canvas
