@@ -203,9 +203,11 @@ def libero_90() -> RunConfig:
 
 
 def demo() -> RunConfig:
-    """The embedded demo suite: small images, a reduced-width random VQ-GAN that runs on a CPU."""
+    """The embedded demo suite, sized for a CPU: 128 px images (4x4 grid units, 76 tokens per
+    image instead of 276) and a reduced-width random VQ-GAN. Real suites use 256 px."""
     cfg = _libero("demo", chunk=5)
-    return replace(cfg, suite="", image=replace(cfg.image, vq_random_arch="small", batch_size=16))
+    image = replace(cfg.image, resolution=128, vq_random_arch="small", batch_size=16)
+    return replace(cfg, suite="", image=image)
 
 
 def so100() -> RunConfig:

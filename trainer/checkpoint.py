@@ -1,0 +1,124 @@
+"""Checkpoints: `<run>/step-NNNNNN/` written atomically, a `latest` pointer, keep-last-N.
+
+A step directory holds everything inference and resume need:
+    model.safetensors   model + head weights
+    optimizer.pt        optimizer state
+    state.pt            training state: step, RNG states, data-reader position, metrics so far
+    config.json         the resolved TrainConfig and model dims (K, D)
+    processor.json      the processor card: shard manifest digest, stats, tokenizer and VQ digests,
+                        vocabulary facts, recipe, K, D, M, resolution, orientation
+
+    model = load_model(Path("runs/demo/step-000300"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import RynnError
+from pipeline.io import fsync_dir, read_json, sha256_file, write_bytes, write_json
+from trainer.config import ModelConfig, TrainConfig
+
+LATEST = "latest"
+CARD = "processor.json"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def processor_card(shards: Path, recipe_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What inference needs to reproduce training's preprocessing, from the shard manifest."""
+    man = read_json(shards / "manifest.json")
+    conv, images = man["conv"], man.get("images", {})
+    return {"schema": 1, "shards_manifest_sha256": sha256_file(shards / "manifest.json"),
+            "stats": read_json(shards / man["stats"]["path"]), "tokenizer": man["tokenizer"],
+            "vq": man["vq"], "vocab": man["vocab"], "recipe": man["recipe"],
+            "K": conv["chunk"], "D": conv["action_dim"], "state_dim": conv["state_dim"],
+            "M": conv["history"], "resolution": man["vocab"]["resolution"],
+            "orientation": images.get("orientation", "rot180"),
+            "relative_action_dims": conv.get("relative_action_dims", [])}
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save(run: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         state: dict[str, Any], cfg: TrainConfig, card: dict[str, Any], keep_last: int) -> Path:
+    """Write step-NNNNNN/ under a temporary name, rename it, then move `latest` to it."""
+    final = run / step_name(step)
+    tmp = run / f".tmp-{step_name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
+    write_json(tmp / "config.json", {"train": dataclasses.asdict(cfg), "chunk": card["K"],
+                                     "action_dim": card["D"]})
+    write_json(tmp / CARD, card)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_bytes(run / LATEST, f"{final.name}\n".encode())
+    fsync_dir(run)
+    prune(run, keep_last)
+    return final
+
+
+def prune(run: Path, keep_last: int) -> None:
+    steps = sorted(p for p in run.glob("step-*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def latest(run: Path) -> Path | None:
+    pointer = run / LATEST
+    if not pointer.exists():
+        return None
+    path = run / pointer.read_text().strip()
+    if not (path / "model.safetensors").exists():
+        raise RynnError(f"{pointer} points at {path.name}, which is missing or incomplete")
+    return path
+
+
+def read_config(step_dir: Path) -> tuple[TrainConfig, int, int]:
+    doc = read_json(step_dir / "config.json")
+    train = dict(doc["train"])
+    model = ModelConfig(**train.pop("model"))
+    return TrainConfig(model=model, **train), int(doc["chunk"]), int(doc["action_dim"])
+
+
+def load_model(step_dir: Path) -> torch.nn.Module:
+    """The network of a checkpoint directory (eval mode, CPU)."""
+    from trainer.model import RynnModel
+    cfg, chunk, action_dim = read_config(step_dir)
+    model = RynnModel(cfg.model, chunk=chunk, action_dim=action_dim)
+    model.load_state_dict(load_file(str(step_dir / "model.safetensors")))
+    return model.eval()
+
+
+def load_training(step_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                  ) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG; return the saved training state."""
+    model.load_state_dict(load_file(str(step_dir / "model.safetensors")))
+    optimizer.load_state_dict(torch.load(step_dir / "optimizer.pt", weights_only=False))
+    state = torch.load(step_dir / "state.pt", weights_only=False)
+    set_rng_state(state.pop("rng"))
+    return state

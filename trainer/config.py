@@ -1,0 +1,111 @@
+"""Trainer configs: a frozen ModelConfig per preset and a TrainConfig, validated at construction.
+
+    from trainer.config import resolve_train_config
+    cfg = resolve_train_config("tiny", ["lr=3e-4", "batch_size=8"], steps=300)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from pipeline.config import ConfigError, apply_overrides
+
+
+def _check(cond: bool, option: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{option}: {msg}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Backbone (Chameleon) and action-head shapes."""
+
+    name: str = "tiny"
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate: int = 688
+    max_positions: int = 4096
+    head_width: int = 256          # action head width (1024 in the paper)
+    head_heads: int = 4
+    head_layers: int = 2
+    head_ffn: int = 1024           # 4096 in the paper
+    head_dropout: float = 0.1
+    residual_dropout: float = 0.0  # attention dropout of the backbone (0.05-0.1 published)
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.hidden % self.heads == 0, "model.hidden", "must be divisible by model.heads")
+        _check(self.heads % self.kv_heads == 0, "model.kv_heads", "must divide model.heads")
+        _check(self.head_width % self.head_heads == 0, "model.head_width",
+               "must be divisible by model.head_heads")
+
+
+PRESETS = {
+    # a few seconds per hundred steps: unit tests
+    "test": ModelConfig(name="test", hidden=64, layers=2, heads=2, kv_heads=2, intermediate=128,
+                        head_width=64, head_ffn=128),
+    # trains on a CPU in minutes
+    "tiny": ModelConfig(),
+    # between the two: a GPU smoke test
+    "small": ModelConfig(name="small", hidden=1024, layers=8, heads=16, kv_heads=16,
+                         intermediate=2816, head_width=512, head_ffn=2048),
+    # Chameleon-7B, the paper's shape
+    "7b": ModelConfig(name="7b", hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008,
+                      head_width=1024, head_ffn=4096, residual_dropout=0.05,
+                      gradient_checkpointing=True),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int = 300
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: Literal["constant", "cosine"] = "constant"   # published: constant after warm-up
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 4.0
+    alpha_l1: float = 10.0
+    loss_mode: Literal["paper", "published"] = "paper"
+    l1_target: Literal["raw", "quantized"] = "raw"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    mix: float | None = None                 # fraction of VLA samples; None = natural ratio
+    train_split: Literal["train", "all"] = "train"
+    eval_every: int = 100
+    eval_batches: int = 4
+    save_every: int = 100
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "steps", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.keep_last >= 1, "keep_last", "must be >= 1 (the latest checkpoint is kept)")
+        _check(self.mix is None or 0 <= self.mix <= 1, "mix", "must be in [0, 1] or none")
+
+
+LRS = {"test": 1e-3, "tiny": 1e-3, "small": 3e-4, "7b": 5e-6}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r}: unknown; choose one of {', '.join(PRESETS)}")
+    return TrainConfig(model=PRESETS[name], lr=LRS[name])
+
+
+def resolve_train_config(name: str, overrides: list[str] | tuple[str, ...] = (),
+                         steps: int | None = None) -> TrainConfig:
+    cfg = apply_overrides(preset(name), list(overrides))
+    return replace(cfg, steps=steps) if steps is not None else cfg

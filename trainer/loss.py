@@ -1,0 +1,59 @@
+"""Losses over supervised positions only (logits are never computed elsewhere).
+
+Paper mode: L = CE(action tokens) + CE(image tokens) + alpha * L1(head).
+  The action CE averages over every target token of VLA samples (the action blocks with their
+  start/end markers and the response's final SEP); the image CE over every target token of
+  world-model samples (image codes, start/grid/row-end/end tokens and the final SEP). A term with
+  no tokens in the batch is 0.
+Published mode: one CE with class weights (image-code ids 0.04, all else 1) + 1e-5 * z-loss
+  (mean logsumexp^2), plus alpha * L1 as the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shards import vocab
+
+Z_LOSS = 1e-5
+IMAGE_CODE_WEIGHT = 0.04
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if not bool(mask.any()):
+        return values.sum() * 0.0  # keeps the graph, no NaN
+    return values[mask].mean()
+
+
+def paper_ce(logits: torch.Tensor, targets: torch.Tensor, is_vla_tok: torch.Tensor
+             ) -> dict[str, torch.Tensor]:
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    return {"ce_action": masked_mean(ce, is_vla_tok), "ce_image": masked_mean(ce, ~is_vla_tok)}
+
+
+def published_ce(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    logits = logits.float()
+    weight = torch.ones(logits.shape[-1], device=logits.device)
+    weight[vocab.IMAGE_CODE_FIRST:vocab.IMAGE_CODE_LAST + 1] = IMAGE_CODE_WEIGHT
+    ce = F.cross_entropy(logits, targets, weight=weight)
+    z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return {"ce": ce, "z_loss": Z_LOSS * z}
+
+
+def l1(pred: torch.Tensor | None, target: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if pred is None or pred.numel() == 0:
+        return like.sum() * 0.0
+    return F.l1_loss(pred.float(), target.float())
+
+
+def quantized_target(labels: torch.Tensor, chunk: int, action_dim: int,
+                     num_bins: int = vocab.NUM_BINS) -> torch.Tensor:
+    """The published L1 target: bin centres decoded from the action-bin labels (B, K, D)."""
+    from stages.bins import from_bins
+    rows = []
+    for row in labels:
+        ids = row[vocab.is_action_bin(row.cpu().numpy())]
+        bins = (ids - vocab.ACTION_BIN_BASE).cpu().numpy()[: chunk * action_dim]
+        rows.append(torch.as_tensor(from_bins(bins, num_bins), dtype=torch.float32))
+    return torch.stack(rows).reshape(-1, chunk, action_dim).to(labels.device)

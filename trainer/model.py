@@ -1,0 +1,153 @@
+"""RynnModel: transformers' `ChameleonModel` backbone + the project's output projection + the
+action head. Logits are computed only at supervised positions.
+
+transformers' `ChameleonForConditionalGeneration` forces every image-token logit to the minimum
+float (it is a text generator), so image CE through it would be infinite: this model owns
+`lm_head`. The backbone's VQ model is dead weight with pretokenized data and is not built.
+
+    model = RynnModel(PRESETS["tiny"], chunk=5, action_dim=7)
+    losses = model(batch)           # {"loss", "ce_action", "ce_image", "l1", ...}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import ChameleonConfig, ChameleonModel
+
+from pipeline.errors import RynnError
+from shards import vocab
+from trainer import loss as losses
+from trainer.config import ModelConfig, TrainConfig
+from trainer.head import ActionHead
+from trainer.mask import attention_mask_4d
+
+# The smallest VQ config transformers accepts: built, then dropped (pretokenized data needs none).
+_STUB_VQ = {"base_channels": 32, "channel_multiplier": [1], "num_res_blocks": 1, "embed_dim": 8,
+            "latent_channels": 32, "num_embeddings": vocab.CODEBOOK_SIZE}
+IMAGE_TOKEN = 8711  # Chameleon's "<image>" placeholder id (the config requires a vocabulary map)
+
+
+def chameleon_config(cfg: ModelConfig) -> ChameleonConfig:
+    return ChameleonConfig(
+        vocab_size=vocab.VOCAB_SIZE, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_positions,
+        attention_dropout=cfg.residual_dropout, vq_config=_STUB_VQ,
+        vocabulary_map={"<image>": IMAGE_TOKEN}, bos_token_id=vocab.BOS, pad_token_id=None,
+        attn_implementation="sdpa")
+
+
+class RynnModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, chunk: int, action_dim: int) -> None:
+        super().__init__()
+        self.cfg, self.chunk, self.action_dim = cfg, chunk, action_dim
+        self.backbone = ChameleonModel(chameleon_config(cfg))
+        del self.backbone.vqmodel
+        self.backbone.vqmodel = None
+        if cfg.gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable()
+        self.lm_head = nn.Linear(cfg.hidden, vocab.VOCAB_SIZE, bias=False)
+        self.action_head = ActionHead(hidden=cfg.hidden, chunk=chunk, action_dim=action_dim,
+                                      width=cfg.head_width, heads=cfg.head_heads,
+                                      layers=cfg.head_layers, ffn=cfg.head_ffn,
+                                      dropout=cfg.head_dropout)
+
+    # -- forward pieces
+
+    def hidden(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (after the final norm) under the SPEC.md 7 mask."""
+        dtype = self.lm_head.weight.dtype
+        mask = attention_mask_4d(ids, valid, dtype=torch.float32).to(dtype)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        return self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+
+    def head_context(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Positions before the first action block of each row (and not padding)."""
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        is_start = ids == vocab.ACTION_START
+        first = torch.where(is_start.any(1), is_start.float().argmax(1),
+                            torch.full_like(is_start[:, 0], ids.shape[1], dtype=torch.long))
+        return (pos < first[:, None]) & valid.bool()
+
+    def forward(self, batch: dict, *, train_cfg: TrainConfig | None = None) -> dict[str, torch.Tensor]:
+        tc = train_cfg or TrainConfig()
+        ids, labels = batch["input_ids"], batch["labels"]
+        valid = batch["attention_mask"].bool()
+        h = self.hidden(ids, valid)
+        out = self.token_losses(h, labels, batch["is_vla"], tc)
+        l1 = self.l1_loss(h, ids, valid, batch, tc)
+        out["loss"] = sum(out.values()) + tc.alpha_l1 * l1
+        out["l1"] = l1
+        return out
+
+    def token_losses(self, h: torch.Tensor, labels: torch.Tensor, is_vla: torch.Tensor,
+                     tc: TrainConfig) -> dict[str, torch.Tensor]:
+        target = labels[:, 1:]
+        sel = target != vocab.IGNORE_INDEX
+        logits = self.lm_head(h[:, :-1][sel])            # only supervised positions
+        targets = target[sel]
+        if tc.loss_mode == "published":
+            return losses.published_ce(logits, targets)
+        row_is_vla = is_vla.bool()[:, None].expand_as(target)[sel]
+        return losses.paper_ce(logits, targets, row_is_vla)
+
+    def l1_loss(self, h: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, batch: dict,
+                tc: TrainConfig) -> torch.Tensor:
+        rows = batch["is_vla"].bool()
+        if not bool(rows.any()):
+            return losses.l1(None, None, like=h)
+        pred = self.action_head(h[rows], self.head_context(ids[rows], valid[rows]))
+        if tc.l1_target == "quantized":
+            target = losses.quantized_target(batch["labels"][rows], self.chunk, self.action_dim)
+        else:
+            target = batch["actions"][rows]
+        return losses.l1(pred, target, like=h)
+
+    # -- inference
+
+    @torch.no_grad()
+    def predict_chunk(self, ids: torch.Tensor) -> torch.Tensor:
+        """Continuous mode: ids = prompt + ACTION_START (B, L) -> normalized actions (B, K, D)."""
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        h = self.hidden(ids, valid)
+        return self.action_head(h, self.head_context(ids, valid))
+
+    # -- loading a pretrained backbone
+
+    def load_pretrained(self, path: str | Path) -> dict[str, int]:
+        """Load a local Hugging Face-format Chameleon checkpoint (`model.*` backbone keys,
+        `lm_head.weight`); `model.vqmodel.*` is ignored. Returns counts of what was loaded."""
+        from safetensors.torch import load_file
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise RynnError(f"--init {path}: no *.safetensors files (a Hugging Face Chameleon "
+                            "checkpoint directory is expected)")
+        own = self.state_dict()
+        loaded, skipped = 0, 0
+        for f in files:
+            for key, tensor in load_file(str(f)).items():
+                name = _map_key(key)
+                if name is None:
+                    skipped += 1
+                    continue
+                if name not in own or own[name].shape != tensor.shape:
+                    raise RynnError(f"--init {f}: key {key} ({tuple(tensor.shape)}) does not fit "
+                                    f"the model preset (expected {tuple(own[name].shape)} at "
+                                    f"{name})" if name in own else
+                                    f"--init {f}: unexpected key {key}")
+                own[name].copy_(tensor)
+                loaded += 1
+        return {"loaded": loaded, "skipped_vq": skipped}
+
+
+def _map_key(key: str) -> str | None:
+    if key.startswith("model.vqmodel."):
+        return None
+    if key.startswith("model."):
+        return "backbone." + key[len("model."):]
+    if key == "lm_head.weight":
+        return key
+    return key
