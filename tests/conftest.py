@@ -31,3 +31,15 @@ def demo_suite_regen(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo_suite") / "regenerated"
     write_demo_suite(root, flavour="regenerated", **SUITE)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Real shards from the real pipeline on a tiny demo suite (32 px, small random VQ-GAN)."""
+    from pipeline.workflow import resolve_config, tokenize
+    root = tmp_path_factory.mktemp("tiny_shards")
+    write_demo_suite(root / "raw", tasks=2, demos=3, steps=24, seed=5)
+    cfg = resolve_config("demo", ["image.resolution=32", "image.vq_random_arch=small",
+                                  "conv.chunk=3"])
+    tokenize(cfg, root / "raw", root / "out", quiet=True)
+    return root / "out" / "shards"

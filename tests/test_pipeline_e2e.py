@@ -90,7 +90,6 @@ def _wait_for_codes(cache: Path, proc: subprocess.Popen, timeout: float = 120.0)
     raise AssertionError("pretokenize never started writing codes")
 
 
-@pytest.mark.slow
 def test_kill_9_mid_pretokenize_then_rerun_is_byte_identical(suite, tmp_path):
     ref = tokenize(_cfg("image.batch_size=1"), suite, tmp_path / "ref", quiet=True)
     proc = _cli_tokenize(suite, tmp_path / "run")

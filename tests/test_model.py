@@ -1,0 +1,100 @@
+"""RynnModel: mask in the forward pass, the head's padding mask, losses, --init loading."""
+
+from __future__ import annotations
+
+import torch
+from transformers import ChameleonForConditionalGeneration
+
+from shards import vocab as v
+from trainer.config import PRESETS, TrainConfig
+from trainer.model import RynnModel, chameleon_config
+
+K, D = 2, 3
+
+
+def _model(seed: int = 0) -> RynnModel:
+    torch.manual_seed(seed)
+    return RynnModel(PRESETS["test"], chunk=K, action_dim=D).eval()
+
+
+def _vla(second_block=(1, 2, 3)) -> torch.Tensor:
+    blocks = [v.ACTION_START, *[v.ACTION_BIN_BASE + d for d in (5, 6, 7)], v.ACTION_END,
+              v.ACTION_START, *[v.ACTION_BIN_BASE + d for d in second_block], v.ACTION_END]
+    prompt = [v.BOS, 16010, 16011, v.IMAGE_START, 40, 41, v.IMAGE_END, v.SEP]
+    return torch.tensor([prompt + blocks + [v.SEP]])
+
+
+def _batch(ids: torch.Tensor, is_vla: bool = True, prompt_len: int = 8) -> dict:
+    labels = ids.clone()
+    labels[:, :prompt_len] = v.IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+            "is_vla": torch.tensor([is_vla] * ids.shape[0]),
+            "actions": torch.zeros(ids.shape[0], K, D)}
+
+
+def test_later_action_block_ignores_earlier_block_tokens():
+    model = _model()
+    a, b = _vla((1, 2, 3)), _vla((1, 2, 3))
+    b[0, 9:12] = torch.tensor([v.ACTION_BIN_BASE + d for d in (200, 100, 50)])  # change block 1
+    with torch.no_grad():
+        ha = model.hidden(a, torch.ones_like(a, dtype=torch.bool))
+        hb = model.hidden(b, torch.ones_like(b, dtype=torch.bool))
+    second = slice(13, 18)
+    assert torch.allclose(ha[0, second], hb[0, second], atol=1e-5)
+    assert not torch.allclose(ha[0, 9:13], hb[0, 9:13])          # block 1 itself did change
+
+
+def test_head_prediction_is_the_same_alone_and_padded():
+    model = _model()
+    ids = _vla()
+    alone = model.predict_chunk(ids[:, :9])
+    padded_ids = torch.cat([ids[:, :9], torch.zeros(1, 7, dtype=torch.long)], 1)
+    other = _vla()[:, :16]
+    batch = torch.cat([padded_ids, other])
+    valid = torch.ones_like(batch, dtype=torch.bool)
+    valid[0, 9:] = False
+    with torch.no_grad():
+        h = model.hidden(batch, valid)
+        both = model.action_head(h, model.head_context(batch, valid))
+    assert alone.shape == (1, K, D)
+    assert torch.allclose(alone[0], both[0], atol=1e-5)
+
+
+def test_losses_per_term_and_no_vla_batch():
+    model = _model().train()
+    out = model(_batch(_vla()))
+    assert float(out["ce_image"]) == 0.0 and float(out["ce_action"]) > 0
+    assert torch.isclose(out["loss"], out["ce_action"] + 10 * out["l1"])
+    wm = model(_batch(_vla(), is_vla=False))
+    assert float(wm["l1"]) == 0.0 and float(wm["ce_action"]) == 0.0
+    assert torch.isfinite(wm["loss"]) and wm["loss"].requires_grad
+    wm["loss"].backward()
+
+
+def test_published_loss_mode_and_quantized_target():
+    model = _model().train()
+    cfg = TrainConfig(model=PRESETS["test"], loss_mode="published", l1_target="quantized")
+    out = model(_batch(_vla()), train_cfg=cfg)
+    assert set(out) >= {"ce", "z_loss", "l1", "loss"} and torch.isfinite(out["loss"])
+
+
+def test_logits_only_at_supervised_positions_match_full_logits():
+    model = _model()
+    batch = _batch(_vla())
+    with torch.no_grad():
+        h = model.hidden(batch["input_ids"], batch["attention_mask"].bool())
+        full = model.lm_head(h)[:, :-1]
+        sel = batch["labels"][:, 1:] != v.IGNORE_INDEX
+        assert torch.allclose(model.lm_head(h[:, :-1][sel]), full[sel])
+
+
+def test_init_loads_a_hugging_face_chameleon_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    hf = ChameleonForConditionalGeneration(chameleon_config(PRESETS["test"]))
+    hf.save_pretrained(tmp_path)
+    model = _model()
+    counts = model.load_pretrained(tmp_path)
+    assert counts["skipped_vq"] > 0 and counts["loaded"] > 0
+    ref = hf.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(model.backbone.layers[0].self_attn.q_proj.weight, ref)
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
