@@ -1,6 +1,6 @@
 """Bench `infer`: actions per second of the continuous head vs discrete decoding, K = 5 and 10.
 
-One process, one tiny random-init network of the trainer's shape (Chameleon backbone, output
+One process, the trainer's own RynnModel (random init, `--preset tiny` by default: Chameleon backbone, output
 projection, action head), the same VLA prompt layout as the shards at 256 px with history 2
 (text + state block + 4 image blocks, about 1.17k tokens). Per chunk size K it times:
 - continuous: prompt + ACTION_START, one forward, the head (SPEC.md 8);
@@ -21,37 +21,13 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from shards import vocab
+from trainer.config import PRESETS
+from trainer.model import RynnModel
 from trainer.policy import Backend, Stepper, attention_rule
 
 D, STATE_DIM, RES, HISTORY = 7, 8, 256, 2
-
-
-class _Head(nn.Module):
-    """Masked mean pool -> linear -> (B, K, D); the action head's interface, tiny."""
-
-    def __init__(self, hidden: int, k: int) -> None:
-        super().__init__()
-        self.k, self.proj = k, nn.Linear(hidden, k * D)
-
-    def forward(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        w = keep.unsqueeze(-1).to(hidden.dtype)
-        return self.proj((hidden * w).sum(1) / w.sum(1)).view(-1, self.k, D)
-
-
-class _Model(nn.Module):
-    def __init__(self, k: int, hidden: int, layers: int) -> None:
-        super().__init__()
-        from transformers import ChameleonConfig, ChameleonModel
-        cfg = ChameleonConfig(vocab_size=vocab.VOCAB_SIZE, hidden_size=hidden,
-                              intermediate_size=4 * hidden, num_hidden_layers=layers,
-                              num_attention_heads=4, num_key_value_heads=4,
-                              vocabulary_map={"<image>": 8711}, attn_implementation="sdpa")
-        self.backbone = ChameleonModel(cfg)
-        self.lm_head = nn.Linear(hidden, vocab.VOCAB_SIZE, bias=False)
-        self.action_head = _Head(hidden, k)
 
 
 def prompt(rng: np.random.Generator) -> np.ndarray:
@@ -93,7 +69,8 @@ def timed(fn, repeats: int) -> float:
 
 def bench_k(k: int, args, ids: np.ndarray) -> dict[str, float]:
     torch.manual_seed(0)
-    backend = Backend(_Model(k, args.hidden, args.layers).eval(), torch.device("cpu"))
+    model = RynnModel(PRESETS[args.preset], chunk=k, action_dim=D).eval()
+    backend = Backend(model, torch.device("cpu"))
     runs = {"continuous": lambda: continuous(backend, ids),
             "discrete+kv": lambda: discrete(backend, ids, k, True),
             "discrete-nocache": lambda: discrete(backend, ids, k, False)}
@@ -111,13 +88,12 @@ def report(k: int, secs: dict[str, float]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--preset", default="tiny", help="trainer model preset")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     ids = prompt(np.random.default_rng(0))
-    print(f"prompt {len(ids)} tokens (256 px, history {HISTORY}); tiny random network "
-          f"hidden {args.hidden}, {args.layers} layers; torch threads {torch.get_num_threads()}")
+    print(f"prompt {len(ids)} tokens (256 px, history {HISTORY}); random-init RynnModel "
+          f"preset {args.preset!r}; torch threads {torch.get_num_threads()}")
     for k in (5, 10):
         report(k, bench_k(k, args, ids))
 

@@ -21,8 +21,8 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("evaluate")
 
 
-def test_evaluate_writes_report(root, monkeypatch, tmp_path):
-    run, pipe = build_checkpoint(root, monkeypatch)
+def test_evaluate_writes_report(root, tmp_path):
+    run, pipe = build_checkpoint(root)
     out = tmp_path / "eval"
     report = evaluate(run, pipe["shards"], out, max_samples=6, max_discrete=2, max_generate=1,
                       device="cpu")
@@ -41,8 +41,8 @@ def test_evaluate_writes_report(root, monkeypatch, tmp_path):
         assert (out / name).stat().st_size > 0
 
 
-def test_evaluate_refuses_foreign_shards(root, monkeypatch, tmp_path):
-    run, pipe = build_checkpoint(root, monkeypatch)
+def test_evaluate_refuses_foreign_shards(root, tmp_path):
+    run, pipe = build_checkpoint(root)
     manifest = json.loads((pipe["shards"] / "manifest.json").read_text())
     manifest["vq"]["digest"] = "0" * 64
     foreign = tmp_path / "shards"

@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_policy.py -q
 
 The shard set comes from the real pipeline (`write_demo_suite` + `workflow.tokenize`, 64 px, small
-random VQ-GAN, K=3). The network is a tiny stand-in with the trainer's interface (`backbone`,
-`lm_head`, `action_head`); its output projection is fitted on one VLA sample so greedy decoding
-reproduces that sample's well-formed response.
+random VQ-GAN, K=3). The network is the trainer's own RynnModel (`test` preset), saved by the
+trainer's own checkpoint `save`; its output projection is fitted on one VLA sample so greedy
+decoding reproduces that sample's well-formed response.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from shards.reader import read_shard
 from trainer import policy as pol
 from trainer.policy import (MalformedActions, Policy, PolicyError, attention_rule,
                             parse_action_blocks)
+from trainer.checkpoint import processor_card, save
+from trainer.config import PRESETS, resolve_train_config
+from trainer.model import RynnModel
+from trainer.train import build_optimizer
 from trainer.world_model import imagine, rollout
 
 K, RES = 3, 64
@@ -49,33 +53,7 @@ def build_pipeline(root: Path) -> dict:
     return _BUILT["pipe"]
 
 
-class TinyHead(nn.Module):
-    """Masked mean pool -> tanh(linear) -> (B, K, D): the head interface, tiny."""
-
-    def __init__(self, hidden: int, k: int, d: int) -> None:
-        super().__init__()
-        self.k, self.d, self.proj = k, d, nn.Linear(hidden, k * d)
-
-    def forward(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        w = keep.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1)
-        return torch.tanh(self.proj(pooled)).view(-1, self.k, self.d)
-
-
-class TinyModel(nn.Module):
-    def __init__(self, k: int, d: int, hidden: int = 32) -> None:
-        super().__init__()
-        from transformers import ChameleonConfig, ChameleonModel
-        cfg = ChameleonConfig(vocab_size=vocab.VOCAB_SIZE, hidden_size=hidden,
-                              intermediate_size=2 * hidden, num_hidden_layers=1,
-                              num_attention_heads=2, num_key_value_heads=2,
-                              vocabulary_map={"<image>": 8711}, attn_implementation="sdpa")
-        self.backbone = ChameleonModel(cfg)
-        self.lm_head = nn.Linear(hidden, vocab.VOCAB_SIZE, bias=False)
-        self.action_head = TinyHead(hidden, k, d)
-
-
-def fit_output(model: TinyModel, sample, steps: int = 150) -> None:
+def fit_output(model: RynnModel, sample, steps: int = 150) -> None:
     """Fit only the output projection so argmax reproduces the sample's response."""
     ids = np.asarray(sample.tokens, np.int64)
     start = int(sample.targets[0][0])
@@ -95,33 +73,24 @@ def fit_output(model: TinyModel, sample, steps: int = 150) -> None:
     assert ((hidden @ weight.T).argmax(-1) == target).all(), "stand-in output fit failed"
 
 
-def card_doc(pipe: dict) -> dict:
-    """A processor card with the fields `trainer.policy.read_card` reads."""
-    manifest = read_json(pipe["shards"] / "manifest.json")
-    store = read_json(pipe["stages"]["pretokenize"] / "store.json")
-    return {"resolution": store["resolution"], "orientation": store["orientation"],
-            "K": manifest["conv"]["chunk"], "D": manifest["conv"]["action_dim"],
-            "state_dim": manifest["conv"]["state_dim"], "M": manifest["conv"]["history"],
-            "stats": read_json(pipe["shards"] / "stats.json"), "tokenizer": manifest["tokenizer"],
-            "vq": manifest["vq"], "recipe": manifest["recipe"]}
-
-
 def first_vla(pipe: dict, split: str = "val"):
     return read_shard(pipe["shards"] / "vla-000000.tar.gz", split)[0]
 
 
-def build_checkpoint(root: Path, monkeypatch) -> tuple[Path, dict]:
-    """run/step-000000/processor.json + `latest`; the model loader returns the fitted stand-in."""
+def build_checkpoint(root: Path, monkeypatch=None) -> tuple[Path, dict]:
+    """A real checkpoint written by the trainer's own `save`: the `test` preset RynnModel with
+    its output projection fitted to one shard sample, so greedy decoding reproduces it."""
     pipe = build_pipeline(root)
+    run = root / "run"
     if "model" not in _BUILT:
         torch.manual_seed(0)
-        model = TinyModel(K, 7).eval()
-        fit_output(model, first_vla(pipe))
-        _BUILT["model"] = model
-    run = root / "run"
-    write_json(run / "step-000000" / "processor.json", card_doc(pipe))
-    (run / "latest").write_text("step-000000\n")
-    monkeypatch.setattr(pol, "load_model", lambda step_dir, device: _BUILT["model"])
+        _BUILT["model"] = RynnModel(PRESETS["test"], chunk=K, action_dim=7).eval()
+        fit_output(_BUILT["model"], first_vla(pipe))
+    if not (run / "latest").exists():
+        cfg = resolve_train_config("test")
+        opt = build_optimizer(_BUILT["model"], cfg)
+        save(run, 0, _BUILT["model"], opt, {"step": 0}, cfg, processor_card(pipe["shards"]),
+             keep_last=1)
     return run, pipe
 
 
@@ -131,8 +100,8 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def ckpt(root, monkeypatch):
-    return build_checkpoint(root, monkeypatch)
+def ckpt(root):
+    return build_checkpoint(root)
 
 
 # ---------------------------------------------------------------------------------------------

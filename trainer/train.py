@@ -92,18 +92,17 @@ def evaluate(model: RynnModel, shards: Path, cfg: TrainConfig, device: torch.dev
     """Mean loss terms over `eval_batches` batches of the held-out split."""
     model.eval()
     sums: dict[str, float] = {}
-    n = 0
+    seen: dict[str, int] = {}
     with ShardReader(shards, batch_size=cfg.batch_size, split="val", seed=cfg.seed, rank=rank,
                      world_size=world, shuffle=False, mix=cfg.mix) as reader:
-        for i, batch in zip(range(cfg.eval_batches), reader):
+        for _, batch in zip(range(cfg.eval_batches), reader):
             with autocast(cfg, device):
                 out = model(to_device(batch, device), train_cfg=cfg)
-            for k in TERMS:
-                if k in out:
-                    sums[k] = sums.get(k, 0.0) + float(out[k].detach())
-            n = i + 1
+            for k in present_terms(out, batch):
+                sums[k] = sums.get(k, 0.0) + float(out[k])
+                seen[k] = seen.get(k, 0) + 1
     model.train()
-    return {f"val_{k}": v / n for k, v in sums.items()} if n else {}
+    return {f"val_{k}": v / seen[k] for k, v in sums.items()}
 
 
 def log(run: Path, row: dict[str, Any]) -> None:
@@ -235,6 +234,7 @@ def train_step(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Op
     for group in optimizer.param_groups:
         group["lr"] = lr
     sums: dict[str, float] = {}
+    seen: dict[str, int] = {}
     wait = compute = 0.0
     tokens = 0
     for _ in range(cfg.grad_accum):
@@ -247,9 +247,10 @@ def train_step(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Op
         compute += time.perf_counter() - t1
         wait += t1 - t0
         tokens += int(batch["attention_mask"].sum())
-        for k in TERMS:
-            if k in out:
-                sums[k] = sums.get(k, 0.0) + float(out[k].detach()) / cfg.grad_accum
+        for k in present_terms(out, batch):
+            sums[k] = sums.get(k, 0.0) + float(out[k].detach())
+            seen[k] = seen.get(k, 0) + 1
+    sums = {k: v / seen[k] for k, v in sums.items()}
     t2 = time.perf_counter()
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
     optimizer.step()
@@ -257,6 +258,15 @@ def train_step(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Op
     compute += time.perf_counter() - t2
     return {**sums, "lr": lr, "grad_norm": float(norm), "data_wait_s": wait,
             "compute_s": compute, "tokens": tokens, "tokens_per_s": tokens / max(wait + compute, 1e-9)}
+
+
+def present_terms(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> list[str]:
+    """Loss terms that had tokens in this batch (a term with none is 0 by construction and is
+    left out of the log rather than logged as 0)."""
+    has_vla = bool(batch["is_vla"].any())
+    has_wm = bool((~batch["is_vla"].bool()).any())
+    absent = {"ce_action": not has_vla, "l1": not has_vla, "ce_image": not has_wm}
+    return [k for k in TERMS if k in out and not absent.get(k, False)]
 
 
 def write_rank_digest(model: torch.nn.Module, out: Path, rank: int) -> None:

@@ -1,0 +1,100 @@
+"""Trainer benchmark: time per step split into waiting for data vs compute, tokens/s, and the
+speed of logits at supervised positions only vs full-vocabulary logits at every position.
+
+    python -m bench train        # builds tiny demo shards (128 px) in a temp dir unless given
+    python -m bench.bench_train --shards out/demo/shards --preset tiny --steps 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from shards import vocab
+from shards.reader import ShardReader
+from trainer.checkpoint import processor_card
+from trainer.config import resolve_train_config
+from trainer.model import RynnModel
+from trainer.train import build_optimizer, train_step
+
+
+def demo_shards(root: Path) -> Path:
+    from pipeline.demo_data import write_demo_suite
+    from pipeline.workflow import resolve_config, tokenize
+    write_demo_suite(root / "raw", tasks=2, demos=3, seed=1)
+    tokenize(resolve_config("demo"), root / "raw", root / "out", quiet=True)
+    return root / "out" / "shards"
+
+
+def step_split(shards: Path, preset: str, steps: int, batch: int) -> dict[str, float]:
+    cfg = resolve_train_config(preset, [f"batch_size={batch}", "warmup_steps=1"], steps=steps)
+    card = processor_card(shards)
+    torch.manual_seed(0)
+    model = RynnModel(cfg.model, chunk=card["K"], action_dim=card["D"]).train()
+    opt = build_optimizer(model, cfg)
+    with ShardReader(shards, batch_size=batch, split="all", seed=0) as reader:
+        batches = reader.forever()
+        train_step(cfg, model, opt, batches, 0, torch.device("cpu"))  # warm-up, not counted
+        rows = [train_step(cfg, model, opt, batches, s, torch.device("cpu"))
+                for s in range(1, steps)]
+    wait = sum(r["data_wait_s"] for r in rows)
+    compute = sum(r["compute_s"] for r in rows)
+    tokens = sum(r["tokens"] for r in rows)
+    return {"wait": wait, "compute": compute, "tokens_per_s": tokens / (wait + compute)}
+
+
+def logits_ratio(shards: Path, preset: str, batch: int, reps: int = 3) -> tuple[float, float]:
+    cfg = resolve_train_config(preset)
+    card = processor_card(shards)
+    model = RynnModel(cfg.model, chunk=card["K"], action_dim=card["D"]).train()
+    with ShardReader(shards, batch_size=batch, split="all", seed=0) as reader:
+        b = next(iter(reader))
+
+    def full() -> None:
+        h = model.hidden(b["input_ids"], b["attention_mask"].bool())
+        logits = model.lm_head(h[:, :-1]).float()
+        F.cross_entropy(logits.reshape(-1, vocab.VOCAB_SIZE), b["labels"][:, 1:].reshape(-1),
+                        ignore_index=vocab.IGNORE_INDEX).backward()
+
+    def supervised() -> None:
+        h = model.hidden(b["input_ids"], b["attention_mask"].bool())
+        out = model.token_losses(h, b["labels"], b["is_vla"], cfg)
+        sum(out.values()).backward()
+
+    return _time(full, reps), _time(supervised, reps)
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", type=Path)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards or demo_shards(Path(tmp))
+        s = step_split(shards, args.preset, args.steps, args.batch)
+        total = s["wait"] + s["compute"]
+        print(f"trainer ({args.preset}, batch {args.batch}, {args.steps - 1} steps): data wait "
+              f"{s['wait']:.3f} s vs compute {s['compute']:.2f} s -> wait {100 * s['wait'] / total:.2f}% "
+              f"of step time (goal < 2%); {s['tokens_per_s']:.0f} tokens/s")
+        full, sup = logits_ratio(shards, args.preset, args.batch)
+        print(f"forward+backward: full-vocabulary logits {full:.2f} s vs supervised positions only "
+              f"{sup:.2f} s -> {full / sup:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
