@@ -36,10 +36,19 @@ setup: $(VENV)/.installed ## create .venv and install (torch pinned to the CPU b
 demo-data: setup ## write the synthetic LIBERO-format demo suite to out/demo/raw
 	@test -d out/demo/raw || $(RYNN) demo-data out/demo/raw
 
-demo: demo-data ## the main job on the embedded demo data: shards, training, inference
+OBS := out/demo/obs
+ACT := $(RYNN) act --checkpoint runs/demo/latest --instruction "$$(cat $(OBS)/instruction.txt)" \
+	--state $(OBS)/state.npy --front $(OBS)/front.npy --wrist $(OBS)/wrist.npy \
+	--prev-front $(OBS)/prev_front.npy --prev-wrist $(OBS)/prev_wrist.npy
+
+demo: demo-data ## the main job on the embedded demo data: shards, training, inference, eval
 	$(RYNN) tokenize --raw out/demo/raw --recipe demo --out out/demo $(SETS)
 	$(RYNN) verify out/demo/shards
 	$(RYNN) train --shards out/demo/shards --out runs/demo --preset tiny --steps $(STEPS)
+	$(RYNN) demo-obs out/demo/raw $(OBS)
+	$(ACT) --mode continuous
+	$(ACT) --mode discrete
+	$(RYNN) imagine --checkpoint runs/demo/latest --rollout --shards out/demo/shards --steps 2 --out runs/demo/imagine
 	$(RYNN) eval --checkpoint runs/demo/latest --shards out/demo/shards --out runs/demo/eval
 
 plan: setup ## what `make shards` would run (cache hits, work to do)

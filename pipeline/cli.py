@@ -75,6 +75,17 @@ def demo_data_cmd(out: Path = typer.Argument(..., help="Directory to write the s
     console.print(f"wrote {len(files)} task files to {out}")
 
 
+@app.command("demo-obs")
+@friendly
+def demo_obs_cmd(raw: Path = typer.Argument(..., help="A demo suite (rynn-pipe demo-data)."),
+                 out: Path = typer.Argument(..., help="Directory for the observation files."),
+                 step: int = typer.Option(5, help="Step of the first demo to export.")) -> None:
+    """Export one raw observation (frames, state, instruction) for trying `rynn-pipe act`."""
+    from pipeline.demo_data import export_observation
+    paths = export_observation(raw, out, step=step)
+    console.print(f"wrote {', '.join(p.name for p in paths.values())} to {out}")
+
+
 @app.command("plan")
 @friendly
 def plan_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations directory."),

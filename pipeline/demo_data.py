@@ -582,3 +582,31 @@ def write_demo_suite(out: Path, *, flavour: str = "raw", size: int = 128, tasks:
     out.mkdir(parents=True, exist_ok=True)
     return [_write_task_file(out, task, flavour=flavour, size=size, demos=demos, seed=seed,
                              steps=steps) for task in task_list(tasks)]
+
+
+def export_observation(raw: Path, out: Path, *, step: int = 5) -> dict[str, Path]:
+    """Write one raw observation of the first demo of the first task file, as a robot would give
+    it (frames as stored, before any rotation), for trying `rynn-pipe act`:
+    front.npy, wrist.npy, prev_front.npy, prev_wrist.npy (H, W, 3 uint8), state.npy (8,),
+    instruction.txt."""
+    from pipeline.io import npy_bytes, write_bytes
+    from stages.libero import instruction_from_filename
+    src = sorted(Path(raw).glob("*.hdf5"))[0]
+    with h5py.File(src, "r") as f:
+        demo = f["data"][sorted(f["data"], key=lambda k: int(k.split("_")[1]))[0]]
+        obs = demo["obs"]
+        arrays = {"front": obs["agentview_rgb"][step], "wrist": obs["eye_in_hand_rgb"][step],
+                  "prev_front": obs["agentview_rgb"][step - 1],
+                  "prev_wrist": obs["eye_in_hand_rgb"][step - 1],
+                  "state": np.concatenate([obs["ee_pos"][step], obs["ee_ori"][step],
+                                           obs["gripper_states"][step]])}
+        attrs = f["data"].attrs
+        instruction = (json.loads(attrs["problem_info"])["language_instruction"]
+                       if "problem_info" in attrs else instruction_from_filename(src.name))
+    paths = {}
+    for name, arr in arrays.items():
+        paths[name] = Path(out) / f"{name}.npy"
+        write_bytes(paths[name], npy_bytes(arr))
+    paths["instruction"] = Path(out) / "instruction.txt"
+    write_bytes(paths["instruction"], (instruction + "\n").encode())
+    return paths
