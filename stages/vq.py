@@ -278,17 +278,23 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], arch: di
     if book is not None and book.shape[0] != arch["n_embed"]:
         raise CheckpointError(f"codebook size mismatch: the config says n_embed={arch['n_embed']} "
                               f"but quantize.embedding.weight has {book.shape[0]} codes", file=where)
+    check_state(state, {k: tuple(v.shape) for k, v in expected.items()}, "VQ-GAN", where=where)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str,
+                *, where: str) -> None:
+    """Raise unless `state` has exactly the `expected` keys with exactly their shapes."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"VQ-GAN keys do not match the architecture: missing "
+        raise CheckpointError(f"{what} keys do not match the architecture: missing "
                               f"{_preview(missing)}; unexpected {_preview(unexpected)}", file=where)
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {s}"
+              for k, s in expected.items() if tuple(state[k].shape) != s]
     if shapes:
-        raise CheckpointError(f"VQ-GAN weight shapes do not match the config: {_preview(shapes)}",
+        raise CheckpointError(f"{what} weight shapes do not match the config: {_preview(shapes)}",
                               file=where)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
 def _preview(items: list[str], limit: int = 8) -> str:

@@ -98,18 +98,10 @@ def build_decoder(arch: dict[str, Any]) -> Decoder:
 
 def check_decoder_state(state: dict[str, torch.Tensor], arch: dict[str, Any], *, where: str) -> None:
     """Raise unless `decoder.*` keys and shapes match the architecture exactly."""
-    from stages.vq import CheckpointError, _preview
+    from stages.vq import check_state
     with torch.device("meta"):
         expected = {f"decoder.{k}": tuple(v.shape) for k, v in Decoder(arch).state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"decoder keys do not match the architecture: missing "
-                              f"{_preview(missing)}; unexpected {_preview(unexpected)}", file=where)
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {s}"
-              for k, s in expected.items() if tuple(state[k].shape) != s]
-    if shapes:
-        raise CheckpointError(f"decoder weight shapes do not match: {_preview(shapes)}", file=where)
+    check_state(state, expected, "decoder", where=where)
 
 
 def decoder_for(handle) -> Decoder:

@@ -9,12 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from pipeline.config import ConfigError, apply_overrides
-
-
-def _check(cond: bool, option: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{option}: {msg}")
+from pipeline.config import ConfigError, _check, apply_overrides
 
 
 @dataclass(frozen=True, kw_only=True)
