@@ -201,6 +201,7 @@ def loop(cfg: TrainConfig, model: RynnModel, net: torch.nn.Module,
          world: int, stop_after: int | None) -> None:
     batches = reader.forever()
     model.train()
+    window = Window()
     with Progress(cfg.steps - state["step"], "train", disable=rank != 0) as bar:
         while state["step"] < cfg.steps:
             step = state["step"]
@@ -210,12 +211,14 @@ def loop(cfg: TrainConfig, model: RynnModel, net: torch.nn.Module,
                 if rank == 0 and metrics:
                     log(out, {"step": step, **metrics})
             # ---- single training step
-            row = train_step(cfg, net, optimizer, batches, step, device)
+            window.add(train_step(cfg, net, optimizer, batches, step, device))
             state["step"] = step + 1
             state["reader"] = reader.state_dict()
             bar.advance()
-            if rank == 0 and (step % cfg.log_every == 0 or state["step"] == cfg.steps):
-                log(out, {"step": step, **row})
+            if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
+                row = window.flush()
+                if rank == 0:
+                    log(out, {"step": step, **row})
             done = state["step"] == cfg.steps
             if rank == 0 and (state["step"] % cfg.save_every == 0 or done):
                 ckpt.save(out, state["step"], model, optimizer, state, cfg, card, cfg.keep_last)
@@ -258,6 +261,30 @@ def train_step(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Op
     compute += time.perf_counter() - t2
     return {**sums, "lr": lr, "grad_norm": float(norm), "data_wait_s": wait,
             "compute_s": compute, "tokens": tokens, "tokens_per_s": tokens / max(wait + compute, 1e-9)}
+
+
+class Window:
+    """Loss terms averaged over the steps since the last log row (each term over the steps whose
+    batches held its tokens); timings summed, tokens/s over the window."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def add(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+
+    def flush(self) -> dict[str, float]:
+        rows, self.rows = self.rows, []
+        out: dict[str, float] = {"lr": rows[-1]["lr"], "grad_norm": rows[-1]["grad_norm"],
+                                 "steps_averaged": len(rows)}
+        for k in TERMS:
+            vals = [r[k] for r in rows if k in r]
+            if vals:
+                out[k] = sum(vals) / len(vals)
+        for k in ("data_wait_s", "compute_s", "tokens"):
+            out[k] = sum(r[k] for r in rows)
+        out["tokens_per_s"] = out["tokens"] / max(out["data_wait_s"] + out["compute_s"], 1e-9)
+        return out
 
 
 def present_terms(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> list[str]:
