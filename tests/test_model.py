@@ -85,7 +85,7 @@ def test_logits_only_at_supervised_positions_match_full_logits():
         h = model.hidden(batch["input_ids"], batch["attention_mask"].bool())
         full = model.lm_head(h)[:, :-1]
         sel = batch["labels"][:, 1:] != v.IGNORE_INDEX
-        assert torch.allclose(model.lm_head(h[:, :-1][sel]), full[sel])
+        assert torch.allclose(model.lm_head(h[:, :-1][sel]), full[sel], atol=1e-5)
 
 
 def test_init_loads_a_hugging_face_chameleon_checkpoint(tmp_path):
