@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         s = step_split(shards, args.preset, args.steps, args.batch)
         total = s["wait"] + s["compute"]
         print(f"trainer ({args.preset}, batch {args.batch}, {args.steps - 1} steps): data wait "
-              f"{s['wait']:.3f} s vs compute {s['compute']:.2f} s -> wait {100 * s['wait'] / total:.2f}% "
-              f"of step time (goal < 2%); {s['tokens_per_s']:.0f} tokens/s")
+              f"{s['wait']:.3f} s vs compute {s['compute']:.2f} s -> wait "
+              f"{100 * s['wait'] / total:.2f}% of step time (goal < 2%); "
+              f"{s['tokens_per_s']:.0f} tokens/s")
         full, sup = logits_ratio(shards, args.preset, args.batch)
         print(f"forward+backward: full-vocabulary logits {full:.2f} s vs supervised positions only "
               f"{sup:.2f} s -> {full / sup:.2f}x faster")

@@ -60,3 +60,11 @@ def test_additive_form_matches_the_boolean_rule():
     allowed = may_attend(ids)
     assert torch.equal(add[:, 0] == 0, allowed)
     assert bool((add[:, 0][~allowed] == torch.finfo(torch.float32).min).all())
+
+
+def test_rows_after_a_kv_cache_are_the_full_mask_rows():
+    ids = torch.tensor([[v.BOS, v.IMAGE_START, v.IMAGE_END, v.SEP, v.ACTION_START, A0,
+                         v.ACTION_END, v.ACTION_START, A1]])
+    full = attention_mask_4d(ids)
+    assert attention_mask_4d(ids, start=7).shape == (1, 1, 2, 9)
+    assert torch.equal(attention_mask_4d(ids, start=7), full[:, :, 7:])

@@ -3,12 +3,16 @@
 A step directory holds everything inference and resume need:
     model.safetensors   model + head weights
     optimizer.pt        optimizer state
-    state.pt            training state: step, RNG states, data-reader position, metrics so far
+    state.pt            training state: step, RNG states of every rank, data-reader position
     config.json         the resolved TrainConfig and model dims (K, D)
     processor.json      the processor card: shard manifest digest, stats, tokenizer and VQ digests,
                         vocabulary facts, recipe, K, D, M, resolution, orientation
 
     model = load_model(Path("runs/demo/step-000300"))
+
+Under torch.distributed, `save` and `load_training` are collective (every rank calls them): full
+weights and optimizer state are gathered from DDP or FSDP2-sharded modules, rank 0 writes, and on
+load each rank takes its share. Plain single-process modules work the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from pipeline.errors import RynnError
 from pipeline.io import fsync_dir, read_json, sha256_file, write_bytes, write_json
@@ -50,27 +56,54 @@ def processor_card(shards: Path, recipe_cfg: dict[str, Any] | None = None) -> di
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (collective; each rank draws its own dropout)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 def save(run: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          state: dict[str, Any], cfg: TrainConfig, card: dict[str, Any], keep_last: int) -> Path:
-    """Write step-NNNNNN/ under a temporary name, rename it, then move `latest` to it."""
+    """Write step-NNNNNN/ under a temporary name, rename it, then move `latest` to it.
+    Collective under torch.distributed: every rank gathers, rank 0 writes."""
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+    rngs = all_rng_states()
     final = run / step_name(step)
+    if rank_and_world()[0] != 0:
+        return final
     tmp = run / f".tmp-{step_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
+    save_file({k: v.detach().contiguous() for k, v in weights.items()},
+              str(tmp / "model.safetensors"))
+    torch.save(optim, tmp / "optimizer.pt")
+    torch.save({**state, "rng": rngs}, tmp / "state.pt")
     write_json(tmp / "config.json", {"train": dataclasses.asdict(cfg), "chunk": card["K"],
                                      "action_dim": card["D"]})
     write_json(tmp / CARD, card)
@@ -116,9 +149,18 @@ def load_model(step_dir: Path) -> torch.nn.Module:
 
 def load_training(step_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                   ) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG; return the saved training state."""
-    model.load_state_dict(load_file(str(step_dir / "model.safetensors")))
-    optimizer.load_state_dict(torch.load(step_dir / "optimizer.pt", weights_only=False))
+    """Restore weights, optimizer and this rank's RNG; return the saved training state.
+    Collective under torch.distributed (every rank reads the files: a shared filesystem)."""
+    weights = load_file(str(step_dir / "model.safetensors"))
+    optim = torch.load(step_dir / "optimizer.pt", weights_only=False)
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                   options=StateDictOptions(full_state_dict=True, strict=True))
     state = torch.load(step_dir / "state.pt", weights_only=False)
-    set_rng_state(state.pop("rng"))
+    rngs = state.pop("rng")
+    rank, world = rank_and_world()
+    if len(rngs) != world:
+        raise RynnError(f"--resume: {step_dir} was written by {len(rngs)} processes, this run has "
+                        f"{world}; resume with the same number of processes (the data order "
+                        "and dropout depend on it)")
+    set_rng_state(rngs[rank])
     return state

@@ -6,6 +6,9 @@ action block still sees the whole prompt and itself causally; positions stay con
 input actions precede the response images, so they are unaffected.
 
     mask = attention_mask_4d(input_ids, attention_mask, dtype=torch.float32)  # (B, 1, L, L)
+    rows = attention_mask_4d(ids, start=n_cached)   # (B, 1, L - n_cached, L): decoding with a cache
+
+Generation uses the same function as training: the rows of the tokens not yet in the KV cache.
 """
 
 from __future__ import annotations
@@ -43,10 +46,11 @@ def may_attend(ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Te
 
 
 def attention_mask_4d(ids: torch.Tensor, valid: torch.Tensor | None = None,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive float mask (B, 1, L, L): 0 where attending is allowed, the dtype's min elsewhere.
+                      dtype: torch.dtype = torch.float32, start: int = 0) -> torch.Tensor:
+    """Additive float mask (B, 1, L - start, L): 0 where attending is allowed, the dtype's min
+    elsewhere; rows are the query positions start.. (start > 0: the tokens after a KV cache).
     (A boolean 4-D mask is silently wrong under eager attention; an additive one is right under
     both eager and sdpa.)"""
-    allowed = may_attend(ids, valid)
+    allowed = may_attend(ids, valid)[:, start:]
     out = torch.zeros(allowed.shape, dtype=dtype, device=ids.device)
     return out.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

@@ -7,6 +7,11 @@ float (it is a text generator), so image CE through it would be infinite: this m
 
     model = RynnModel(PRESETS["tiny"], chunk=5, action_dim=7)
     losses = model(batch)           # {"loss", "ce_action", "ce_image", "l1", ...}
+
+Inference (SPEC.md 8), the same mask as training:
+    model = RynnModel.from_checkpoint(Path("runs/demo/step-000300"))
+    actions = model.predict_chunk(prompt_plus_action_start)      # continuous: (1, K, D)
+Token-by-token decoding with a KV cache lives in trainer/policy.py (Stepper, Backend).
 """
 
 from __future__ import annotations
@@ -72,7 +77,10 @@ class RynnModel(nn.Module):
                             torch.full_like(is_start[:, 0], ids.shape[1], dtype=torch.long))
         return (pos < first[:, None]) & valid.bool()
 
-    def forward(self, batch: dict, *, train_cfg: TrainConfig | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, *, train_cfg: TrainConfig | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Reader batch -> loss terms ({"loss", "ce_action", "ce_image", "l1"}; published mode:
+        {"loss", "ce", "z_loss", "l1"})."""
         tc = train_cfg or TrainConfig()
         ids, labels = batch["input_ids"], batch["labels"]
         valid = batch["attention_mask"].bool()
@@ -96,15 +104,20 @@ class RynnModel(nn.Module):
 
     def l1_loss(self, h: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, batch: dict,
                 tc: TrainConfig) -> torch.Tensor:
+        """L1 of the head on the VLA rows. With none, the head still runs on one row and adds
+        0 x its output, so every parameter gets a (zero) gradient in every step: data-parallel
+        ranks then agree on which gradients exist (DDP needs no unused-parameter search; FSDP
+        reduce-scatters the same tensors on every rank)."""
         rows = batch["is_vla"].bool()
         if not bool(rows.any()):
-            return losses.l1(None, None, like=h)
+            idle = self.action_head(h[:1], self.head_context(ids[:1], valid[:1]))
+            return idle.float().sum() * 0.0
         pred = self.action_head(h[rows], self.head_context(ids[rows], valid[rows]))
         if tc.l1_target == "quantized":
             target = losses.quantized_target(batch["labels"][rows], self.chunk, self.action_dim)
         else:
             target = batch["actions"][rows]
-        return losses.l1(pred, target, like=h)
+        return losses.l1(pred, target)
 
     # -- inference
 
@@ -115,39 +128,64 @@ class RynnModel(nn.Module):
         h = self.hidden(ids, valid)
         return self.action_head(h, self.head_context(ids, valid))
 
+    @classmethod
+    def from_checkpoint(cls, step_dir: str | Path) -> "RynnModel":
+        """A trained checkpoint directory (step-NNNNNN/) in eval mode on the CPU."""
+        from trainer.checkpoint import load_model
+        return load_model(Path(step_dir))
+
     # -- loading a pretrained backbone
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, cfg: ModelConfig, *, chunk: int,
+                        action_dim: int) -> "RynnModel":
+        """A new model whose backbone and lm_head come from a Hugging Face Chameleon checkpoint."""
+        model = cls(cfg, chunk=chunk, action_dim=action_dim)
+        model.load_pretrained(path)
+        return model
+
+    @torch.no_grad()
     def load_pretrained(self, path: str | Path) -> dict[str, int]:
         """Load a local Hugging Face-format Chameleon checkpoint (`model.*` backbone keys,
-        `lm_head.weight`); `model.vqmodel.*` is ignored. Returns counts of what was loaded."""
+        `lm_head.weight`; `model.vqmodel.*` is ignored). Every backbone and lm_head weight must
+        be present with the preset's shape; the action head stays freshly initialized."""
         from safetensors.torch import load_file
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise RynnError(f"--init {path}: no *.safetensors files (a Hugging Face Chameleon "
                             "checkpoint directory is expected)")
         own = self.state_dict()
-        loaded, skipped = 0, 0
+        loaded: set[str] = set()
+        skipped = 0
         for f in files:
             for key, tensor in load_file(str(f)).items():
                 name = _map_key(key)
                 if name is None:
                     skipped += 1
                     continue
-                if name not in own or own[name].shape != tensor.shape:
-                    raise RynnError(f"--init {f}: key {key} ({tuple(tensor.shape)}) does not fit "
-                                    f"the model preset (expected {tuple(own[name].shape)} at "
-                                    f"{name})" if name in own else
-                                    f"--init {f}: unexpected key {key}")
+                _check_fits(f, key, name, tensor, own)
                 own[name].copy_(tensor)
-                loaded += 1
-        return {"loaded": loaded, "skipped_vq": skipped}
+                loaded.add(name)
+        missing = [k for k in own if not k.startswith("action_head.") and k not in loaded]
+        if missing:
+            raise RynnError(f"--init {path}: {len(missing)} backbone weights missing, e.g. "
+                            f"{missing[:3]} (is this a Chameleon checkpoint of this preset?)")
+        return {"loaded": len(loaded), "skipped_vq": skipped}
 
 
 def _map_key(key: str) -> str | None:
+    """HF ChameleonForConditionalGeneration key -> RynnModel key (None: VQ weights, ignored)."""
     if key.startswith("model.vqmodel."):
         return None
     if key.startswith("model."):
         return "backbone." + key[len("model."):]
-    if key == "lm_head.weight":
-        return key
     return key
+
+
+def _check_fits(file: Path, key: str, name: str, tensor: torch.Tensor,
+                own: dict[str, torch.Tensor]) -> None:
+    if name not in own:
+        raise RynnError(f"--init {file}: unexpected key {key}")
+    if own[name].shape != tensor.shape:
+        raise RynnError(f"--init {file}: key {key} ({tuple(tensor.shape)}) does not fit the model "
+                        f"preset (expected {tuple(own[name].shape)}); choose the matching --preset")

@@ -39,6 +39,7 @@ from pipeline.errors import RynnError
 from shards import vocab
 from shards.conversation import Codec, assemble, image_blocks, vla_prompt_text
 from stages.bins import Stats, from_bins, unnormalize
+from trainer.mask import may_attend
 
 MODES = ("continuous", "discrete")
 ORIENTATIONS = ("rot180", "none")
@@ -251,31 +252,11 @@ class Processor:
 # The attention rule at inference (SPEC.md 7) and incremental decoding with or without a cache.
 # ---------------------------------------------------------------------------------------------
 
-def action_spans(ids: np.ndarray) -> list[tuple[int, int]]:
-    """Half-open spans of action blocks (ACTION_START .. ACTION_END; an open block runs to the end)."""
-    ids = np.asarray(ids)
-    starts = np.flatnonzero(ids == vocab.ACTION_START)
-    spans = []
-    for s in starts.tolist():
-        ends = np.flatnonzero(ids[s + 1:] == vocab.ACTION_END)
-        spans.append((s, s + 2 + int(ends[0]) if len(ends) else len(ids)))
-    return spans
-
-
 def attention_rule(ids: np.ndarray, start: int = 0) -> np.ndarray:
-    """Rows start.. of the (L, L) "may attend" matrix: causal, and every action block starting
-    after the last image block sees no earlier action block."""
-    ids = np.asarray(ids)
-    n = len(ids)
-    allowed = np.arange(n)[None, :] <= np.arange(start, n)[:, None]
-    ends = np.flatnonzero(ids == vocab.IMAGE_END)
-    last_image = int(ends[-1]) if len(ends) else -1
-    spans = action_spans(ids)
-    for i, (s, e) in enumerate(spans):
-        if s > last_image and e > start:
-            for ps, pe in spans[:i]:
-                allowed[max(s - start, 0):e - start, ps:pe] = False
-    return allowed
+    """Rows start.. of the (L, L) "may attend" matrix of one sequence: the training mask
+    (`trainer.mask.may_attend`, SPEC.md 7), so generation attends exactly as training did."""
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
+    return may_attend(ids_t)[0, start:].numpy()
 
 
 class Stepper:

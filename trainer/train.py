@@ -1,17 +1,22 @@
 """Train the unified VLA + world model on shards: one readable loop.
 
     rynn-pipe train --shards out/demo/shards --out runs/demo --preset tiny --steps 300
-    torchrun --nproc_per_node 2 -m pipeline.cli train --shards ... --out ...   # data parallel
+    torchrun --nproc_per_node 8 -m pipeline.cli train --shards ... --out ...   # data parallel
+    torchrun ... train ... --set distributed=fsdp        # FSDP2: shard every decoder layer
 
 Setup on top; then the loop: once in a while evaluate and save; one training step (gradient
 accumulation, clipping, AdamW, the schedule as a pure function of the step); metrics to
-`metrics.jsonl`, a loss-curve PNG at the end. All resumable state (step, RNG, data position) is in
-the checkpoint, so `--resume` continues exactly: the resumed loss curve equals the uninterrupted one.
+`metrics.jsonl` (`step` = optimizer steps completed, as in `step-NNNNNN/`), a loss-curve PNG at
+the end. All resumable state (step, every rank's RNG, data position) is in the checkpoint, so
+`--resume` continues exactly: the resumed loss curve equals the uninterrupted one.
+Under torchrun each rank reads its own part of the shards; logged losses are averaged over ranks;
+only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -21,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline.errors import RynnError
 from pipeline.progress import Progress, console
@@ -43,14 +49,15 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA with bf16 support ("auto"), or wherever `precision=bf16` asks."""
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
                                            and torch.cuda.is_bf16_supported())
     if use_bf16:
@@ -58,23 +65,37 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def build_model(cfg: TrainConfig, card: dict[str, Any], init: Path | None,
+                device: torch.device) -> RynnModel:
+    """Seeded, so every rank starts from the same weights."""
+    torch.manual_seed(cfg.seed)
+    model = RynnModel(cfg.model, chunk=card["K"], action_dim=card["D"])
+    if init is not None:
+        console.print(f"init from {init}: {model.load_pretrained(init)}")
+    return model.to(device)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW; weight decay on matrices only (not on norms, biases, the head's queries' scale)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def wrap(model: torch.nn.Module, cfg: TrainConfig, world: int, device: torch.device):
+def wrap(model: RynnModel, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
+    """DDP (default) or FSDP2 (`distributed=fsdp`: each decoder layer a shard unit, then the
+    root). Every parameter gets a gradient every step (see RynnModel.l1_loss), so DDP needs no
+    unused-parameter search."""
     if world == 1:
         return model
     if cfg.distributed == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        return FullyShardedDataParallel(model, use_orig_params=True)
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.backbone.layers:
+            fully_shard(layer)
+        return fully_shard(model)
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                     find_unused_parameters=True)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -82,27 +103,75 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for k, v in batch.items()}
 
 
+def gradient_sync(net: torch.nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if enabled:
+        return contextlib.nullcontext()
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        return net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):          # FSDP2
+        net.set_requires_gradient_sync(False)
+        return _ReenableSync(net)
+    return contextlib.nullcontext()
+
+
+class _ReenableSync(contextlib.AbstractContextManager):
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+
+    def __exit__(self, *exc: object) -> None:
+        self.net.set_requires_gradient_sync(True)
+
+
 # ---------------------------------------------------------------------------------------------
-# Evaluation and logging.
+# Loss bookkeeping, evaluation and logging.
 # ---------------------------------------------------------------------------------------------
 
+def present_terms(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> list[str]:
+    """Loss terms that had tokens in this batch (a term with none is 0 by construction and is
+    left out of the log rather than logged as 0)."""
+    has_vla = bool(batch["is_vla"].any())
+    has_wm = bool((~batch["is_vla"].bool()).any())
+    absent = {"ce_action": not has_vla, "l1": not has_vla, "ce_image": not has_wm}
+    return [k for k in TERMS if k in out and not absent.get(k, False)]
+
+
+class Terms:
+    """Running sums of the loss terms present in each batch; `mean()` averages over batches
+    and, under torch.distributed, over ranks (one all-reduce)."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(len(TERMS), dtype=torch.float64)
+        self.counts = torch.zeros(len(TERMS), dtype=torch.float64)
+
+    def add(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        for k in present_terms(out, batch):
+            self.sums[TERMS.index(k)] += float(out[k].detach())
+            self.counts[TERMS.index(k)] += 1
+
+    def mean(self, device: torch.device) -> dict[str, float]:
+        both = torch.stack([self.sums, self.counts])
+        if dist.is_initialized():
+            both = both.to(device)
+            dist.all_reduce(both)
+        sums, counts = both.cpu()
+        return {k: float(sums[i] / counts[i]) for i, k in enumerate(TERMS) if counts[i] > 0}
+
+
 @torch.no_grad()
-def evaluate(model: RynnModel, shards: Path, cfg: TrainConfig, device: torch.device,
+def evaluate(net: torch.nn.Module, shards: Path, cfg: TrainConfig, device: torch.device,
              rank: int, world: int) -> dict[str, float]:
-    """Mean loss terms over `eval_batches` batches of the held-out split."""
-    model.eval()
-    sums: dict[str, float] = {}
-    seen: dict[str, int] = {}
+    """Mean loss terms over `eval_batches` batches of the held-out split (all ranks)."""
+    net.eval()
+    terms = Terms()
     with ShardReader(shards, batch_size=cfg.batch_size, split="val", seed=cfg.seed, rank=rank,
                      world_size=world, shuffle=False, mix=cfg.mix) as reader:
         for _, batch in zip(range(cfg.eval_batches), reader):
             with autocast(cfg, device):
-                out = model(to_device(batch, device), train_cfg=cfg)
-            for k in present_terms(out, batch):
-                sums[k] = sums.get(k, 0.0) + float(out[k])
-                seen[k] = seen.get(k, 0) + 1
-    model.train()
-    return {f"val_{k}": v / seen[k] for k, v in sums.items()}
+                out = net(to_device(batch, device), train_cfg=cfg)
+            terms.add(out, batch)
+    net.train()
+    return {f"val_{k}": v for k, v in terms.mean(device).items()}
 
 
 def log(run: Path, row: dict[str, Any]) -> None:
@@ -123,10 +192,12 @@ def plot(run: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "ce_action" in r or "ce" in r]
+    train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
+    published = any("ce" in r for r in train)
+    keys = ("ce", "z_loss", "l1") if published else ("ce_action", "ce_image", "l1")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key in zip(axes, ("ce_action", "ce_image", "l1")):
+    for ax, key in zip(axes, keys):
         ax.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r],
                 label="train")
         ax.plot([r["step"] for r in val if f"val_{key}" in r],
@@ -146,43 +217,46 @@ def plot(run: Path) -> Path:
 def train(cfg: TrainConfig, shards: Path, out: Path, *, resume: bool = False,
           init: Path | None = None, stop_after: int | None = None) -> Path:
     """Train on `shards` into run directory `out`; returns the latest checkpoint directory.
+    `cfg` carries the preset and step count (`resolve_train_config(preset, sets, steps=)`).
     `stop_after` ends the process's work early at that step (tests: a run stopped mid-way)."""
     rank, world, device = setup_distributed()
     shards, out = Path(shards), Path(out)
     if not (shards / "manifest.json").exists():
         raise RynnError(f"--shards {shards}: no manifest.json (run `rynn-pipe tokenize` first)")
     card = ckpt.processor_card(shards)
-    torch.manual_seed(cfg.seed)
-    model = RynnModel(cfg.model, chunk=card["K"], action_dim=card["D"])
-    if init is not None:
-        console.print(f"init from {init}: {model.load_pretrained(init)}")
-    model.to(device)
-    optimizer = build_optimizer(model, cfg)
+    model = build_model(cfg, card, init, device)
+    net = wrap(model, cfg, world, device)
+    optimizer = build_optimizer(net, cfg)
+    torch.manual_seed(cfg.seed + rank)              # each rank draws its own dropout
     reader = ShardReader(shards, batch_size=cfg.batch_size, split=cfg.train_split, mix=cfg.mix,
                          seed=cfg.seed, rank=rank, world_size=world)
-    state = {"step": 0}
-    last = ckpt.latest(out) if resume else None
-    if resume and last is None:
-        console.print(f"--resume: no checkpoint in {out}; starting from step 0")
-    if last is not None:
-        check_same_run(last, card, cfg)
-        state = ckpt.load_training(last, model, optimizer)
-        reader.load_state_dict(state["reader"])
-        console.print(f"resumed from {last.name}")
+    state = restore(out, card, cfg, net, optimizer, reader) if resume else {"step": 0}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out, state["step"])
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    net = wrap(model, cfg, world, device)
-    loop(cfg, model, net, optimizer, reader, state, shards, out, card, device, rank, world,
-         stop_after)
+    loop(cfg, net, optimizer, reader, state, shards, out, card, device, stop_after)
     reader.close()
     if rank == 0:
         plot(out)
     if world > 1:
-        write_rank_digest(model, out, rank)
+        write_rank_digest(net, out, rank)
         dist.barrier()
     return ckpt.latest(out) or out
+
+
+def restore(out: Path, card: dict[str, Any], cfg: TrainConfig, net: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, reader: ShardReader) -> dict[str, Any]:
+    """The training state of the run's latest checkpoint (weights, optimizer, RNG, data)."""
+    last = ckpt.latest(out)
+    if last is None:
+        console.print(f"--resume: no checkpoint in {out}; starting from step 0")
+        return {"step": 0}
+    check_same_run(last, card, cfg)
+    state = ckpt.load_training(last, net, optimizer)
+    reader.load_state_dict(state["reader"])
+    console.print(f"resumed from {last.name}")
+    return state
 
 
 def check_same_run(step_dir: Path, card: dict[str, Any], cfg: TrainConfig) -> None:
@@ -195,109 +269,101 @@ def check_same_run(step_dir: Path, card: dict[str, Any], cfg: TrainConfig) -> No
         raise RynnError(f"--resume: {step_dir} has another model shape; use the same --preset")
 
 
-def loop(cfg: TrainConfig, model: RynnModel, net: torch.nn.Module,
-         optimizer: torch.optim.Optimizer, reader: ShardReader, state: dict[str, Any],
-         shards: Path, out: Path, card: dict[str, Any], device: torch.device, rank: int,
-         world: int, stop_after: int | None) -> None:
+def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         reader: ShardReader, state: dict[str, Any], shards: Path, out: Path,
+         card: dict[str, Any], device: torch.device, stop_after: int | None) -> None:
+    rank, world = ckpt.rank_and_world()
     batches = reader.forever()
-    model.train()
+    net.train()
     window = Window()
     with Progress(cfg.steps - state["step"], "train", disable=rank != 0) as bar:
         while state["step"] < cfg.steps:
-            step = state["step"]
-            # ---- once in a while: evaluate, save
-            if step > 0 and step % cfg.eval_every == 0:
-                metrics = evaluate(model, shards, cfg, device, rank, world)
+            # ---- once in a while: evaluate on the held-out split
+            if state["step"] > 0 and state["step"] % cfg.eval_every == 0:
+                metrics = evaluate(net, shards, cfg, device, rank, world)
                 if rank == 0 and metrics:
-                    log(out, {"step": step, **metrics})
+                    log(out, {"step": state["step"], **metrics})
             # ---- single training step
-            window.add(train_step(cfg, net, optimizer, batches, step, device))
-            state["step"] = step + 1
+            window.add(train_step(cfg, net, optimizer, batches, state["step"], device))
+            state["step"] += 1
             state["reader"] = reader.state_dict()
             bar.advance()
-            if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
-                row = window.flush()
-                if rank == 0:
-                    log(out, {"step": step, **row})
+            # ---- once in a while: log, save
             done = state["step"] == cfg.steps
-            if rank == 0 and (state["step"] % cfg.save_every == 0 or done):
-                ckpt.save(out, state["step"], model, optimizer, state, cfg, card, cfg.keep_last)
+            if state["step"] % cfg.log_every == 0 or done:
+                row = window.flush(device)
+                if rank == 0:
+                    log(out, {"step": state["step"], **row})
+            if state["step"] % cfg.save_every == 0 or done:
+                ckpt.save(out, state["step"], net, optimizer, state, cfg, card, cfg.keep_last)
             if stop_after is not None and state["step"] >= stop_after:
-                break
-    if state["step"] == cfg.steps:
-        metrics = evaluate(model, shards, cfg, device, rank, world)
-        if rank == 0 and metrics:
-            log(out, {"step": state["step"], **metrics})
+                return
+    metrics = evaluate(net, shards, cfg, device, rank, world)
+    if rank == 0 and metrics:
+        log(out, {"step": state["step"], **metrics})
 
 
 def train_step(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               batches, step: int, device: torch.device) -> dict[str, float]:
+               batches, step: int, device: torch.device) -> dict[str, Any]:
+    """One optimizer step over `grad_accum` micro-batches; returns this rank's numbers."""
     lr = lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, kind=cfg.schedule,
                min_ratio=cfg.min_lr_ratio)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    sums: dict[str, float] = {}
-    seen: dict[str, int] = {}
-    wait = compute = 0.0
-    tokens = 0
-    for _ in range(cfg.grad_accum):
+    terms, wait, compute, tokens = Terms(), 0.0, 0.0, 0
+    for micro in range(cfg.grad_accum):
         t0 = time.perf_counter()
         batch = to_device(next(batches), device)
         t1 = time.perf_counter()
-        with autocast(cfg, device):
-            out = net(batch, train_cfg=cfg)
-        (out["loss"] / cfg.grad_accum).backward()
+        with gradient_sync(net, micro == cfg.grad_accum - 1):
+            with autocast(cfg, device):
+                out = net(batch, train_cfg=cfg)
+            (out["loss"] / cfg.grad_accum).backward()
+        terms.add(out, batch)
         compute += time.perf_counter() - t1
         wait += t1 - t0
         tokens += int(batch["attention_mask"].sum())
-        for k in present_terms(out, batch):
-            sums[k] = sums.get(k, 0.0) + float(out[k].detach())
-            seen[k] = seen.get(k, 0) + 1
-    sums = {k: v / seen[k] for k, v in sums.items()}
     t2 = time.perf_counter()
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP2: a DTensor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     compute += time.perf_counter() - t2
-    return {**sums, "lr": lr, "grad_norm": float(norm), "data_wait_s": wait,
-            "compute_s": compute, "tokens": tokens, "tokens_per_s": tokens / max(wait + compute, 1e-9)}
+    return {"terms": terms, "lr": lr, "grad_norm": float(norm), "data_wait_s": wait,
+            "compute_s": compute, "tokens": tokens,
+            "tokens_per_s": tokens / max(wait + compute, 1e-9)}
 
 
 class Window:
-    """Loss terms averaged over the steps since the last log row (each term over the steps whose
-    batches held its tokens); timings summed, tokens/s over the window."""
+    """The steps since the last log row: loss terms averaged over them (each term over the
+    batches holding its tokens) and over ranks; timings summed; tokens/s of this rank."""
 
     def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, Any]] = []
 
-    def add(self, row: dict[str, float]) -> None:
+    def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
-    def flush(self) -> dict[str, float]:
+    def flush(self, device: torch.device) -> dict[str, float]:
         rows, self.rows = self.rows, []
+        merged = Terms()
+        for r in rows:
+            merged.sums += r["terms"].sums
+            merged.counts += r["terms"].counts
         out: dict[str, float] = {"lr": rows[-1]["lr"], "grad_norm": rows[-1]["grad_norm"],
-                                 "steps_averaged": len(rows)}
-        for k in TERMS:
-            vals = [r[k] for r in rows if k in r]
-            if vals:
-                out[k] = sum(vals) / len(vals)
+                                 "steps_averaged": len(rows), **merged.mean(device)}
         for k in ("data_wait_s", "compute_s", "tokens"):
             out[k] = sum(r[k] for r in rows)
         out["tokens_per_s"] = out["tokens"] / max(out["data_wait_s"] + out["compute_s"], 1e-9)
         return out
 
 
-def present_terms(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> list[str]:
-    """Loss terms that had tokens in this batch (a term with none is 0 by construction and is
-    left out of the log rather than logged as 0)."""
-    has_vla = bool(batch["is_vla"].any())
-    has_wm = bool((~batch["is_vla"].bool()).any())
-    absent = {"ce_action": not has_vla, "l1": not has_vla, "ce_image": not has_wm}
-    return [k for k in TERMS if k in out and not absent.get(k, False)]
-
-
-def write_rank_digest(model: torch.nn.Module, out: Path, rank: int) -> None:
-    """Each rank's parameter checksum (a 2-process test checks they are identical)."""
-    total = sum(float(p.detach().double().sum()) for p in model.parameters())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "param_sum": total}) + "\n")
+def write_rank_digest(net: torch.nn.Module, out: Path, rank: int) -> None:
+    """Each rank's sha256 of the full weights (a 2-process test checks they are identical)."""
+    weights = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].detach().float().cpu().numpy().tobytes())
+    (out / f"rank-{rank}.json").write_text(json.dumps({"rank": rank,
+                                                       "sha256": h.hexdigest()}) + "\n")
