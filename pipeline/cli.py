@@ -3,6 +3,7 @@
     rynn-pipe demo-data demos/                 # a synthetic LIBERO-format suite
     rynn-pipe plan --raw demos/ --recipe demo  # what would run, without running it
     rynn-pipe tokenize --raw demos/ --recipe demo --out out/demo
+    torchrun --nproc_per_node 8 -m pipeline.cli tokenize ...   # VQ encoding split over ranks
     rynn-pipe verify out/demo/shards
     rynn-pipe train --shards out/demo/shards --out runs/demo --preset tiny --steps 300
 
@@ -12,6 +13,7 @@ This is the only module that imports typer.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -113,6 +115,8 @@ def tokenize_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations
     cfg = resolve_config(recipe_name, overrides)
     out = _out(out, recipe_name)
     done = tokenize(cfg, raw, out, cache, until=until)
+    if os.environ.get("RANK", "0") != "0":         # under torchrun rank 0 reports
+        return
     if "shards" in done:
         console.print(f"[bold green]shards[/]: {out / 'shards'}")
     print(out / "shards" if "shards" in done else done[list(done)[-1]])

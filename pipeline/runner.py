@@ -12,6 +12,8 @@ renames the directory onto its key. A directory with `stage.json` is a cache hit
 (A stage may write its own deterministic `manifest.json`, as the shard set does; timings live only
 in `stage.json` so that data outputs stay byte-identical between runs.)
 A per-key file lock keeps two concurrent runs from working on the same key.
+Under torchrun (pipeline/group.py) a stage marked `distributed` runs on every rank at once: rank 0
+holds the key's lock, all ranks write into the partial directory, rank 0 publishes.
 
     from pipeline.runner import run_pipeline
     outputs = run_pipeline(cfg, raw=Path("demos"), cache=Path("out/cache"))
@@ -35,6 +37,7 @@ from rich.markup import escape
 from pipeline import __version__
 from pipeline.config import RunConfig, digest, select
 from pipeline.errors import StageError
+from pipeline.group import Group
 from pipeline.io import file_entry, read_json, sha256_bytes, write_json
 from pipeline.progress import Progress, console
 
@@ -54,6 +57,8 @@ class Stage:
     estimate: Callable[["Context"], dict[str, int]] | None = None
     # Which of its inputs a stage digests; default: each dep's published output digest.
     input_digest: Callable[["Context"], dict[str, str]] | None = None
+    # Runs on every rank of a torchrun group, splitting its work (see pipeline/group.py).
+    distributed: bool = False
 
 
 @dataclass
@@ -63,16 +68,18 @@ class Context:
     inputs: dict[str, Path]             # dep stage name -> its published output directory
     out: Path                           # where to write; survives a crash (resume from it)
     quiet: bool = False
+    group: Group = field(default_factory=Group)   # ranks sharing a `distributed` stage's work
 
     def log(self, msg: str) -> None:
-        if not self.quiet:
+        if not self.quiet and self.group.leader:
             console.print(msg)
 
     def warn(self, msg: str) -> None:
-        console.print(f"[bold yellow]WARNING[/]: {escape(msg)}")
+        if self.group.leader:                        # the same on every rank: say it once
+            console.print(f"[bold yellow]WARNING[/]: {escape(msg)}")
 
     def progress(self, total: int, desc: str) -> Progress:
-        return Progress(total, desc, disable=self.quiet)
+        return Progress(total, desc, disable=self.quiet or not self.group.leader)
 
 
 @dataclass
@@ -156,12 +163,14 @@ class Runner:
     """Resolves keys for a list of stages and runs the ones that are not cached."""
 
     def __init__(self, cfg: RunConfig, stages: list[Stage], *, raw: Path | None, cache: Path,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, group: Group | None = None) -> None:
         self.cfg, self.stages, self.raw, self.cache, self.quiet = cfg, stages, raw, cache, quiet
+        self.group = group or Group()
         self._raw_fp: str | None = None
 
     def _ctx(self, stage: Stage, inputs: dict[str, Path], out: Path) -> Context:
-        return Context(cfg=self.cfg, raw=self.raw, inputs=inputs, out=out, quiet=self.quiet)
+        return Context(cfg=self.cfg, raw=self.raw, inputs=inputs, out=out, quiet=self.quiet,
+                       group=self.group)
 
     def _digests(self, stage: Stage, ctx: Context) -> dict[str, str]:
         if stage.input_digest is not None:
@@ -213,6 +222,20 @@ class Runner:
         return done
 
     def _run_one(self, st: StageStatus, done: dict[str, Path]) -> Path:
+        """Under torchrun: `distributed` stages run on every rank, any other stage on rank 0
+        while the others wait, then find its output."""
+        if self.group.world > 1:
+            if st.stage.distributed:
+                return self._run_group(st, done)
+            if self.group.leader:
+                self._run_here(st, done)
+            self.group.barrier()
+            if not (st.path / MANIFEST).exists():
+                raise StageError(f"{st.stage.name}: rank 0 did not publish {st.path}")
+            return st.path
+        return self._run_here(st, done)
+
+    def _run_here(self, st: StageStatus, done: dict[str, Path]) -> Path:
         stage = st.stage
         if st.hit:
             self._say(f"[green]cache hit[/] {stage.name} ({st.key}): no work")
@@ -234,8 +257,40 @@ class Runner:
         self._say(f"[green]done[/] {stage.name}: {_fmt_counts(result.counts)} -> {st.path}")
         return st.path
 
+    def _run_group(self, st: StageStatus, done: dict[str, Path]) -> Path:
+        """A `distributed` stage on every rank: rank 0 takes the key's lock (keeping other runs
+        out) and prepares the partial directory; all ranks run the stage, which splits the work
+        and meets at its own collectives; rank 0 publishes; all ranks leave together."""
+        stage, group = st.stage, self.group
+        with contextlib.ExitStack() as held:
+            finished = False
+            if group.leader:
+                finished = (st.path / MANIFEST).exists()
+                if not finished:
+                    held.enter_context(key_lock(self.cache / stage.name / f".lock-{st.key}"))
+                    finished = (st.path / MANIFEST).exists()   # finished while we waited
+                if not finished and st.path.exists():
+                    shutil.rmtree(st.path)
+            if group.leader_says(finished):
+                self._say(f"[green]cache hit[/] {stage.name} ({st.key}): no work")
+                return st.path
+            partial = self.cache / stage.name / f".partial-{st.key}"
+            if group.leader:
+                partial.mkdir(parents=True, exist_ok=True)
+            group.barrier()
+            ctx = self._ctx(stage, {d: done[d] for d in stage.deps if d != RAW}, partial)
+            self._say(f"[bold]running[/] {stage.name} ({st.key}) on {group.world} ranks")
+            t0 = time.perf_counter()
+            result = stage.run(ctx)
+            if group.leader:
+                _publish(stage, ctx, st.key, self._digests(stage, ctx), st.path, result,
+                         time.perf_counter() - t0)
+            group.barrier()
+        self._say(f"[green]done[/] {stage.name}: {_fmt_counts(result.counts)} -> {st.path}")
+        return st.path
+
     def _say(self, msg: str) -> None:
-        if not self.quiet:
+        if not self.quiet and self.group.leader:
             console.print(msg)
 
 

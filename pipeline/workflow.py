@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline.config import RunConfig, apply_overrides, recipe
 from pipeline.errors import RynnError
+from pipeline.group import Group
 from pipeline.io import fsync_dir
 from pipeline.runner import Runner, StageStatus
 
@@ -38,7 +39,8 @@ def raw_root(raw: Path, cfg: RunConfig) -> Path:
 
 
 def make_runner(cfg: RunConfig, raw: Path, out: Path, cache: Path | None = None,
-                quiet: bool = False, until: str | None = None) -> Runner:
+                quiet: bool = False, until: str | None = None,
+                group: Group | None = None) -> Runner:
     from stages.registry import pipeline
     stages = pipeline()
     if until is not None:
@@ -46,7 +48,8 @@ def make_runner(cfg: RunConfig, raw: Path, out: Path, cache: Path | None = None,
         if until not in names:
             raise RynnError(f"--until {until!r}: unknown stage; choose one of {', '.join(names)}")
         stages = stages[: names.index(until) + 1]
-    return Runner(cfg, stages, raw=raw_root(raw, cfg), cache=cache_root(out, cache), quiet=quiet)
+    return Runner(cfg, stages, raw=raw_root(raw, cfg), cache=cache_root(out, cache), quiet=quiet,
+                  group=group)
 
 
 def plan(cfg: RunConfig, raw: Path, out: Path, cache: Path | None = None) -> list[StageStatus]:
@@ -55,10 +58,14 @@ def plan(cfg: RunConfig, raw: Path, out: Path, cache: Path | None = None) -> lis
 
 def tokenize(cfg: RunConfig, raw: Path, out: Path, cache: Path | None = None,
              until: str | None = None, quiet: bool = False) -> dict[str, Path]:
-    """Run every stage (or up to `until`); export the shards to <out>/shards. Returns stage dirs."""
-    done = make_runner(cfg, raw, out, cache, quiet=quiet, until=until).run()
-    if "shards" in done:
+    """Run every stage (or up to `until`); export the shards to <out>/shards. Returns stage dirs.
+    Under torchrun every rank calls this: pretokenize splits over the ranks, rank 0 does the
+    rest (pipeline/group.py)."""
+    group = Group.from_env()
+    done = make_runner(cfg, raw, out, cache, quiet=quiet, until=until, group=group).run()
+    if "shards" in done and group.leader:
         export(done["shards"], out / "shards")
+    group.barrier()
     return done
 
 

@@ -9,8 +9,10 @@ store, so changing history, chunk size, prompts or the VLA/world-model mix never
 How it runs: a loader thread reads and preprocesses the next batches while the encoder (main
 thread) works, and a writer thread assembles and atomically writes each finished episode.
 Batches never cross an episode, so every episode's codes are the same however episodes are split:
-`image.workers > 1` spreads episodes over processes (spawned, one model each) whose only shared
-output is `store.json`, written last. Episodes whose codes file already exists in `ctx.out` (a
+`image.workers > 1` spreads episodes over processes (spawned, one model each; one GPU each when
+there are several) whose only shared output is `store.json`, written last. Under torchrun
+(`RANK`/`WORLD_SIZE`, pipeline/group.py) the ranks split the episodes the same way, across
+machines sharing the cache's file system, and rank 0 writes `store.json`. Episodes whose codes file already exists in `ctx.out` (a
 crashed run) are skipped, so a rerun encodes only unfinished episodes.
 
     rynn-pipe tokenize --raw demos --until pretokenize          # via the runner
@@ -25,7 +27,7 @@ import queue
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -383,20 +385,38 @@ def store_doc(cfg: RunConfig, handle, jobs: list[Job], fmt: str) -> dict[str, An
 
 
 def run(ctx: Context) -> Result:
+    """Encode the episodes not yet in `ctx.out`. Under torchrun every rank runs this on its
+    share of the episodes (`jobs[rank::world]`, fixed whatever is already done) and rank 0,
+    once all ranks are through, checks every episode is there and writes `store.json`."""
     from stages.vq import load_vq
-    cfg, image = ctx.cfg, ctx.cfg.image
+    cfg, image, group = ctx.cfg, ctx.cfg.image, ctx.group
     jobs = read_jobs(ctx.inputs["filter"])
+    image = replace(image, device=rank_device(image.device, group.world))
+    cfg = replace(cfg, image=image)     # workers of this rank share its device
     handle = load_vq(image.vq_path, random_arch=image.vq_random_arch, seed=image.vq_seed,
                      device=image.device)
     side = grid_side(image.resolution, handle)
-    for debris in (ctx.out / CODES_DIR).glob(".tmp-*"):  # a killed run's unfinished writes
-        debris.unlink()
-    todo = [j for j in jobs if not is_done(ctx.out, j, side)]
+    if group.leader:
+        for debris in (ctx.out / CODES_DIR).glob(".tmp-*"):  # a killed run's unfinished writes
+            debris.unlink()
+    group.barrier()                                   # no rank writes before the debris is gone
+    mine = jobs[group.rank::group.world]
+    todo = [j for j in mine if not is_done(ctx.out, j, side)]
     if handle.untrained:
         ctx.warn("pretokenize: tokens come from an UNTRAINED (random-init) VQ-GAN")
-    ctx.log(f"pretokenize: {len(jobs)} episodes, {len(jobs) - len(todo)} already encoded "
-            f"(resumed), {sum(j.images for j in todo)} images to encode on {handle.device}")
+    share = "" if group.world == 1 else f" (rank 0 of {group.world}; each rank its share)"
+    ctx.log(f"pretokenize: {len(jobs)} episodes, {len(mine) - len(todo)} already encoded "
+            f"(resumed), {sum(j.images for j in todo)} images to encode on {handle.device}{share}")
     timing = _encode_all(ctx, handle, Plan(cfg, ctx.raw, ctx.out, todo, LOADER))
+    encodes, encode_s, wait_s, resumed = group.all_sum(
+        [timing.encodes, timing.encode_s, timing.wait_s, len(mine) - len(todo)])
+    timing = Timing(int(encodes), encode_s, wait_s)
+    if not group.leader:
+        return Result(counts={"encodes": timing.encodes})
+    missing = [j.id for j in jobs if not is_done(ctx.out, j, side)]
+    if missing:
+        raise DataError(f"{len(missing)} episodes have no complete codes file after every rank "
+                        f"finished, e.g. {missing[:3]}", file=str(ctx.out / CODES_DIR))
     fmt = read_json(ctx.inputs["filter"] / "episodes.json").get("format", "unknown")
     store = store_doc(cfg, handle, jobs, fmt)
     write_json(ctx.out / STORE, store)
@@ -404,10 +424,19 @@ def run(ctx: Context) -> Result:
             f"{store['unique_pairs']}, encoder waited {timing.wait_s:.1f} s of "
             f"{timing.wait_s + timing.encode_s:.1f} s")
     counts = {"episodes": len(jobs), "frames": store["frames"], "unique_pairs": store["unique_pairs"],
-              "encodes": timing.encodes, "resumed_episodes": len(jobs) - len(todo)}
+              "encodes": timing.encodes, "resumed_episodes": int(resumed)}
     extra = {"untrained_tokenizer": handle.untrained, "vq_digest": handle.digest,
-             "encoder": {"encode_s": round(timing.encode_s, 3), "wait_s": round(timing.wait_s, 3)}}
+             "encoder": {"encode_s": round(timing.encode_s, 3), "wait_s": round(timing.wait_s, 3)},
+             "ranks": group.world}
     return Result(counts=counts, extra=extra)
+
+
+def rank_device(device: str, world: int) -> str:
+    """Under torchrun with `auto` device and GPUs, each rank takes cuda:LOCAL_RANK."""
+    import torch
+    if world > 1 and device == "auto" and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return device
 
 
 def _encode_all(ctx: Context, handle, plan: Plan) -> Timing:
@@ -422,7 +451,8 @@ def _encode_all(ctx: Context, handle, plan: Plan) -> Timing:
 STAGE = Stage(name="pretokenize", version="1",
               fields=("image.resolution", "image.vq_path", "image.vq_random_arch", "image.vq_seed",
                       "image.precision", "source.*"),
-              deps=("filter", "raw"), run=run, estimate=estimate, input_digest=input_digest)
+              deps=("filter", "raw"), run=run, estimate=estimate, input_digest=input_digest,
+              distributed=True)
 
 
 # ---------------------------------------------------------------------------------------------

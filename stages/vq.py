@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ DECODER_PREFIX = "decoder."
 IGNORED_PREFIXES = ("loss.",)
 MAX_CODES = 1 << 16  # codes are stored as uint16
 PRECISIONS = ("fp32", "bf16-mixed")
+_WARNED: set[tuple[str, int]] = set()   # random VQ-GANs already announced in this process
 
 # Original-release yaml field names (model.params.ddconfig) of Chameleon's VQ-GAN.
 FULL_ARCH: dict[str, Any] = {
@@ -174,9 +176,11 @@ def random_vq(arch: dict[str, Any], seed: int, *, name: str = "custom") -> VQHan
         model = build_model(arch)
         decoder = build_decoder(arch)
     decoder_state = {DECODER_PREFIX + k: v for k, v in decoder.state_dict().items()}
-    console.print(f"[bold red]WARNING: UNTRAINED TOKENIZER[/]: no VQ-GAN weights given "
-                  f"(image.vq_path), using a random-init '{name}' VQ-GAN (seed {seed}). Image "
-                  "tokens carry no visual meaning; set image.vq_path for real tokens.")
+    if (name, seed) not in _WARNED and os.environ.get("RANK", "0") == "0":  # once, on rank 0
+        _WARNED.add((name, seed))
+        console.print(f"[bold red]WARNING: UNTRAINED TOKENIZER[/]: no VQ-GAN weights given "
+                      f"(image.vq_path), using a random-init '{name}' VQ-GAN (seed {seed}). "
+                      "Image tokens carry no visual meaning; set image.vq_path for real tokens.")
     return VQHandle(model=model, digest=state_digest(model.state_dict()), untrained=True,
                     arch=arch, source=f"random-{name}-seed{seed}", decoder_state=decoder_state)
 

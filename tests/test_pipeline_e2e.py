@@ -105,6 +105,38 @@ def test_kill_9_mid_pretokenize_then_rerun_is_byte_identical(suite, tmp_path):
     assert _stage_bytes(tmp_path / "run" / "shards") == _stage_bytes(ref["shards"])
 
 
+def _torchrun_tokenize(raw: Path, out: Path) -> subprocess.CompletedProcess:
+    sets = [arg for s in SMALL for arg in ("--set", s)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "pipeline.cli", "tokenize", "--raw", str(raw), "--recipe", "demo",
+           "--out", str(out), *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_ranks_split_pretokenize_and_match_one_process(suite, tmp_path):
+    """2 ranks each encode their episodes (RANK/WORLD_SIZE); rank 0 publishes: every stage's
+    output equals the single-process run's, each pair encoded once; a rerun is all hits."""
+    ref = tokenize(_cfg(), suite, tmp_path / "one", quiet=True)
+    out = tmp_path / "two"
+    proc = _torchrun_tokenize(suite, out)
+    assert proc.stdout.strip().splitlines()[-1] == str(out / "shards")     # rank 0 reports once
+    for stage, path in ref.items():
+        (twin,) = [p for p in (out / "cache" / stage).iterdir() if not p.name.startswith(".")]
+        assert twin.name == path.name and _stage_bytes(twin) == _stage_bytes(path), stage
+    (record_path,) = (out / "cache" / "pretokenize").glob("*/stage.json")
+    record = json.loads(record_path.read_text())
+    assert record["ranks"] == 2
+    assert record["counts"]["encodes"] == record["counts"]["unique_pairs"] > 0
+    assert _stage_bytes(out / "shards") == _stage_bytes(ref["shards"])
+    stamp = record_path.stat().st_mtime_ns
+    _torchrun_tokenize(suite, out)
+    assert all(s.hit for s in plan(_cfg(), suite, out))
+    assert record_path.stat().st_mtime_ns == stamp
+
+
 def test_cli_help_lists_commands():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
