@@ -270,12 +270,17 @@ def eval_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, ru
              max_discrete: int = typer.Option(16, help="Samples decoded in discrete mode."),
              max_generate: int = typer.Option(4, help="World-model frames generated and decoded."),
              vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
-             tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path.")) -> None:
-    """Held-out metrics: action L1/MSE (both modes), token accuracy, PSNR/SSIM; JSON + plots."""
+             tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path."),
+             lpips_weights: Optional[Path] = typer.Option(
+                 None, help="Directory with LPIPS v0.1 weights (alex.pth or vgg.pth + the "
+                            "torchvision backbone .pth); LPIPS is skipped without it.")) -> None:
+    """Held-out metrics: action L1/MSE (both modes), token accuracy, PSNR/SSIM (LPIPS with
+    --lpips-weights); JSON + plots."""
     import json
     from trainer.evaluate import evaluate
     report = evaluate(checkpoint, shards, out, max_samples=max_samples, max_discrete=max_discrete,
-                      max_generate=max_generate, vq_path=vq_path, tokenizer_path=tokenizer_path)
+                      max_generate=max_generate, vq_path=vq_path, tokenizer_path=tokenizer_path,
+                      lpips_weights=lpips_weights)
     console.print(escape(json.dumps(_headline(report), indent=1, default=str)))
     console.print(f"report: {out / 'report.json'}")
 

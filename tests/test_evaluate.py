@@ -13,6 +13,7 @@ import pytest
 from trainer import metrics
 from trainer.evaluate import NOT_COMPUTED, EvalError, evaluate
 
+from test_lpips import write_lpips_weights
 from test_policy import build_checkpoint
 
 
@@ -36,9 +37,20 @@ def test_evaluate_writes_report(root, tmp_path):
     assert 0 <= report["actions"]["token_accuracy"]["action_bins"] <= 1
     wm = report["world_model"]
     assert wm["generated"]["images"] == 2 and wm["lpips"] == NOT_COMPUTED
+    assert wm["fvd"].startswith("not implemented")
     assert 0 <= wm["teacher_forced"]["code_accuracy"] <= 1
     for name in ("action_l1_per_dim.png", "wm_quality.png", "wm_examples.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_evaluate_with_lpips_weights(root, tmp_path):
+    run, pipe = build_checkpoint(root)
+    weights = write_lpips_weights(tmp_path / "lpips")
+    report = evaluate(run, pipe["shards"], tmp_path / "eval", max_samples=2, max_discrete=0,
+                      max_generate=2, device="cpu", lpips_weights=weights)
+    lpips = report["world_model"]["lpips"]
+    assert lpips["net"] == "alex" and lpips["count"] == report["world_model"]["generated"]["images"]
+    assert lpips["mean"] > 0 and np.isfinite(lpips["mean"])
 
 
 def test_evaluate_refuses_foreign_shards(root, tmp_path):

@@ -19,8 +19,11 @@ Metrics (`report.json` in `out`):
 - world model, generated (greedy, forced image-block structure, `max_generate` samples): PSNR and
   SSIM of the decoded prediction against the VQ-GAN decoding of the target tokens (the shards hold
   tokens, not pixels, so the reference is the tokenizer's reconstruction), plus code accuracy;
-- LPIPS / FVD: computed only when the pretrained networks are given by path; otherwise reported
-  as "not computed (no weights given)".
+- LPIPS (trainer/lpips.py, v0.1, alex or vgg) of the same prediction/reference pairs, only when
+  `lpips_weights` names a directory with the reference weights (none can be downloaded here);
+  otherwise reported as "not computed (no weights given)";
+- FVD: NOT IMPLEMENTED (a named placeholder): it scores videos of 16+ frames with an I3D network,
+  and this evaluation generates single next frames; the report says so.
 Plots: `action_l1_per_dim.png` (both modes), `wm_quality.png` (PSNR/SSIM per sample), and
 `wm_examples.png` (prediction vs reference, front and wrist).
 """
@@ -45,6 +48,8 @@ from trainer.world_model import (decode_codes, generate_frames, image_blocks_in,
                                  response_codes, strip_image)
 
 NOT_COMPUTED = "not computed (no weights given)"
+FVD_PLACEHOLDER = ("not implemented: FVD needs generated videos of 16+ frames and an I3D network; "
+                   "this evaluation generates single next frames")
 
 
 class EvalError(RynnError):
@@ -186,7 +191,9 @@ class WmTally:
     gen_code_acc: list = field(default_factory=list)
     psnr: list = field(default_factory=list)
     ssim: list = field(default_factory=list)
+    lpips: list = field(default_factory=list)
     examples: list = field(default_factory=list)
+    lpips_metric: Any = None              # trainer.lpips.LPIPS when weights were given
 
 
 def eval_wm_sample(policy: Policy, sample, tally: WmTally, generate: bool) -> None:
@@ -216,11 +223,13 @@ def _generated_frames(policy: Policy, tokens: np.ndarray, start: int, tally: WmT
     tally.gen_code_acc.append(float((pred == truth).mean()))
     tally.psnr.extend(metrics.psnr(images[0], images[1]).tolist())
     tally.ssim.extend(metrics.ssim(images[0], images[1]).tolist())
+    if tally.lpips_metric is not None:
+        tally.lpips.extend(tally.lpips_metric(images[0], images[1]).tolist())
     if len(tally.examples) < 4:
         tally.examples.append(images)
 
 
-def wm_report(tally: WmTally, extra: dict[str, Any]) -> dict[str, Any]:
+def wm_report(tally: WmTally) -> dict[str, Any]:
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     return {"teacher_forced": {"code_accuracy": ratio(tally.code_hits, tally.code_total),
                                "response_accuracy": ratio(tally.resp_hits, tally.resp_total),
@@ -230,20 +239,10 @@ def wm_report(tally: WmTally, extra: dict[str, Any]) -> dict[str, Any]:
                           "ssim": metrics.summary(tally.ssim),
                           "reference": "VQ-GAN decoding of the shard's target tokens",
                           "images": len(tally.psnr)},
-            **extra}
-
-
-def perceptual(lpips_weights: str | None, fvd_weights: str | None) -> dict[str, Any]:
-    """LPIPS / FVD need pretrained networks that cannot be downloaded here."""
-    out = {}
-    for name, path in (("lpips", lpips_weights), ("fvd", fvd_weights)):
-        if path is None:
-            out[name] = NOT_COMPUTED
-        elif not Path(path).exists():
-            raise EvalError(f"--{name}-weights {path}: file not found")
-        else:
-            out[name] = f"not computed (weights given at {path}, but {name} is not implemented yet)"
-    return out
+            "lpips": (NOT_COMPUTED if tally.lpips_metric is None else
+                      {**metrics.summary(tally.lpips), "net": tally.lpips_metric.net,
+                       "reference": "VQ-GAN decoding of the shard's target tokens"}),
+            "fvd": FVD_PLACEHOLDER}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,9 +295,9 @@ def write_examples(tally: WmTally, path: Path) -> None:
 def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
              max_samples: int = 32, max_discrete: int = 16, max_generate: int = 4,
              vq_path: str | None = None, tokenizer_path: str | None = None,
-             device: str = "auto", lpips_weights: str | None = None,
-             fvd_weights: str | None = None) -> dict[str, Any]:
-    """Evaluate `checkpoint` on `shards` (val split); write report.json and plots into `out`."""
+             device: str = "auto", lpips_weights: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate `checkpoint` on `shards` (val split); write report.json and plots into `out`.
+    `lpips_weights`: a directory with LPIPS v0.1 weights (see trainer/lpips.py), optional."""
     t0 = time.perf_counter()
     shards, out = Path(shards), Path(out)
     policy = Policy.from_checkpoint(checkpoint, vq_path=vq_path, tokenizer_path=tokenizer_path,
@@ -308,6 +307,9 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
     if not data.vla and not data.wm:
         raise EvalError(f"{shards}: no samples to evaluate")
     vla, wm = VlaTally(), WmTally()
+    if lpips_weights is not None:
+        from trainer.lpips import load_lpips
+        wm.lpips_metric = load_lpips(lpips_weights, device=policy.backend.device)
     for i, sample in enumerate(data.vla):
         eval_vla_sample(policy, sample, vla, i < max_discrete)
     for i, sample in enumerate(data.wm):
@@ -318,7 +320,7 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
               "card": {"recipe": policy.card.recipe, "K": policy.card.chunk,
                        "D": policy.card.action_dim, "resolution": policy.card.resolution},
               "actions": vla_report(vla),
-              "world_model": wm_report(wm, perceptual(lpips_weights, fvd_weights)),
+              "world_model": wm_report(wm),
               "seconds": round(time.perf_counter() - t0, 2)}
     write_outputs(report, vla, wm, out)
     return report
