@@ -273,14 +273,20 @@ def eval_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, ru
              tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path."),
              lpips_weights: Optional[Path] = typer.Option(
                  None, help="Directory with LPIPS v0.1 weights (alex.pth or vgg.pth + the "
-                            "torchvision backbone .pth); LPIPS is skipped without it.")) -> None:
+                            "torchvision backbone .pth); LPIPS is skipped without it."),
+             fvd_weights: Optional[Path] = typer.Option(
+                 None, help="TorchScript I3D detector (i3d_torchscript.pt); FVD is skipped "
+                            "without it."),
+             fvd_videos: int = typer.Option(8, help="Held-out trajectories rolled out for FVD."),
+             fvd_frames: int = typer.Option(16, help="Frames per FVD video.")) -> None:
     """Held-out metrics: action L1/MSE (both modes), token accuracy, PSNR/SSIM (LPIPS with
-    --lpips-weights); JSON + plots."""
+    --lpips-weights, FVD with --fvd-weights); JSON + plots."""
     import json
     from trainer.evaluate import evaluate
     report = evaluate(checkpoint, shards, out, max_samples=max_samples, max_discrete=max_discrete,
                       max_generate=max_generate, vq_path=vq_path, tokenizer_path=tokenizer_path,
-                      lpips_weights=lpips_weights)
+                      lpips_weights=lpips_weights, fvd_weights=fvd_weights,
+                      fvd_videos=fvd_videos, fvd_frames=fvd_frames)
     console.print(escape(json.dumps(_headline(report), indent=1, default=str)))
     console.print(f"report: {out / 'report.json'}")
 

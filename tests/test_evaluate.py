@@ -12,7 +12,9 @@ import pytest
 
 from trainer import metrics
 from trainer.evaluate import NOT_COMPUTED, EvalError, evaluate
+from trainer.fvd import FvdError
 
+from test_fvd import write_detector
 from test_lpips import write_lpips_weights
 from test_policy import build_checkpoint
 
@@ -37,7 +39,7 @@ def test_evaluate_writes_report(root, tmp_path):
     assert 0 <= report["actions"]["token_accuracy"]["action_bins"] <= 1
     wm = report["world_model"]
     assert wm["generated"]["images"] == 2 and wm["lpips"] == NOT_COMPUTED
-    assert wm["fvd"].startswith("not implemented")
+    assert wm["fvd"] == NOT_COMPUTED
     assert 0 <= wm["teacher_forced"]["code_accuracy"] <= 1
     for name in ("action_l1_per_dim.png", "wm_quality.png", "wm_examples.png"):
         assert (out / name).stat().st_size > 0
@@ -51,6 +53,21 @@ def test_evaluate_with_lpips_weights(root, tmp_path):
     lpips = report["world_model"]["lpips"]
     assert lpips["net"] == "alex" and lpips["count"] == report["world_model"]["generated"]["images"]
     assert lpips["mean"] > 0 and np.isfinite(lpips["mean"])
+
+
+def test_evaluate_with_fvd_detector(root, tmp_path):
+    run, pipe = build_checkpoint(root)
+    detector = write_detector(tmp_path / "i3d_torchscript.pt")
+    report = evaluate(run, pipe["shards"], tmp_path / "eval", max_samples=1, max_discrete=0,
+                      max_generate=0, device="cpu", fvd_weights=detector, fvd_videos=2,
+                      fvd_frames=2)
+    fvd = report["world_model"]["fvd"]
+    assert fvd["split"] == "val" and fvd["frames"] == 2
+    assert fvd["videos"] == 2 * len(fvd["episodes"]) and 1 <= len(fvd["episodes"]) <= 2
+    assert np.isfinite(fvd["fvd"]) and fvd["fvd"] >= -1e-9
+    with pytest.raises(FvdError, match="lower --fvd-frames"):
+        evaluate(run, pipe["shards"], tmp_path / "eval2", max_samples=1, max_discrete=0,
+                 max_generate=0, device="cpu", fvd_weights=detector, fvd_frames=10_000)
 
 
 def test_evaluate_refuses_foreign_shards(root, tmp_path):

@@ -22,8 +22,9 @@ Metrics (`report.json` in `out`):
 - LPIPS (trainer/lpips.py, v0.1, alex or vgg) of the same prediction/reference pairs, only when
   `lpips_weights` names a directory with the reference weights (none can be downloaded here);
   otherwise reported as "not computed (no weights given)";
-- FVD: NOT IMPLEMENTED (a named placeholder): it scores videos of 16+ frames with an I3D network,
-  and this evaluation generates single next frames; the report says so.
+- FVD (trainer/fvd.py) of rollouts along held-out trajectories (`fvd_frames` steps, predictions
+  fed back) vs the VQ-GAN decoding of their target tokens, only when `fvd_weights` names the
+  TorchScript I3D detector; otherwise "not computed (no weights given)".
 Plots: `action_l1_per_dim.png` (both modes), `wm_quality.png` (PSNR/SSIM per sample), and
 `wm_examples.png` (prediction vs reference, front and wrist).
 """
@@ -48,8 +49,6 @@ from trainer.world_model import (decode_codes, generate_frames, image_blocks_in,
                                  response_codes, strip_image)
 
 NOT_COMPUTED = "not computed (no weights given)"
-FVD_PLACEHOLDER = ("not implemented: FVD needs generated videos of 16+ frames and an I3D network; "
-                   "this evaluation generates single next frames")
 
 
 class EvalError(RynnError):
@@ -229,7 +228,7 @@ def _generated_frames(policy: Policy, tokens: np.ndarray, start: int, tally: WmT
         tally.examples.append(images)
 
 
-def wm_report(tally: WmTally) -> dict[str, Any]:
+def wm_report(tally: WmTally, fvd: dict[str, Any] | None) -> dict[str, Any]:
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     return {"teacher_forced": {"code_accuracy": ratio(tally.code_hits, tally.code_total),
                                "response_accuracy": ratio(tally.resp_hits, tally.resp_total),
@@ -242,7 +241,7 @@ def wm_report(tally: WmTally) -> dict[str, Any]:
             "lpips": (NOT_COMPUTED if tally.lpips_metric is None else
                       {**metrics.summary(tally.lpips), "net": tally.lpips_metric.net,
                        "reference": "VQ-GAN decoding of the shard's target tokens"}),
-            "fvd": FVD_PLACEHOLDER}
+            "fvd": NOT_COMPUTED if fvd is None else fvd}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,9 +294,13 @@ def write_examples(tally: WmTally, path: Path) -> None:
 def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
              max_samples: int = 32, max_discrete: int = 16, max_generate: int = 4,
              vq_path: str | None = None, tokenizer_path: str | None = None,
-             device: str = "auto", lpips_weights: str | Path | None = None) -> dict[str, Any]:
+             device: str = "auto", lpips_weights: str | Path | None = None,
+             fvd_weights: str | Path | None = None, fvd_videos: int = 8,
+             fvd_frames: int = 16) -> dict[str, Any]:
     """Evaluate `checkpoint` on `shards` (val split); write report.json and plots into `out`.
-    `lpips_weights`: a directory with LPIPS v0.1 weights (see trainer/lpips.py), optional."""
+    Optional: `lpips_weights`, a directory with LPIPS v0.1 weights (trainer/lpips.py);
+    `fvd_weights`, the TorchScript I3D detector, for FVD over `fvd_videos` rollouts of
+    `fvd_frames` steps (trainer/fvd.py)."""
     t0 = time.perf_counter()
     shards, out = Path(shards), Path(out)
     policy = Policy.from_checkpoint(checkpoint, vq_path=vq_path, tokenizer_path=tokenizer_path,
@@ -310,6 +313,10 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
     if lpips_weights is not None:
         from trainer.lpips import load_lpips
         wm.lpips_metric = load_lpips(lpips_weights, device=policy.backend.device)
+    detector = None
+    if fvd_weights is not None:
+        from trainer.fvd import load_detector
+        detector = load_detector(fvd_weights, device=policy.backend.device)
     for i, sample in enumerate(data.vla):
         eval_vla_sample(policy, sample, vla, i < max_discrete)
     for i, sample in enumerate(data.wm):
@@ -320,10 +327,20 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
               "card": {"recipe": policy.card.recipe, "K": policy.card.chunk,
                        "D": policy.card.action_dim, "resolution": policy.card.resolution},
               "actions": vla_report(vla),
-              "world_model": wm_report(wm),
+              "world_model": wm_report(wm, fvd_report(
+                  policy, shards, detector, "val" if data.split == "val" else "train",
+                  fvd_videos, fvd_frames)),
               "seconds": round(time.perf_counter() - t0, 2)}
     write_outputs(report, vla, wm, out)
     return report
+
+
+def fvd_report(policy: Policy, shards: Path, detector, split: str, videos: int,
+               frames: int) -> dict[str, Any] | None:
+    if detector is None:
+        return None
+    from trainer.fvd import rollout_fvd
+    return rollout_fvd(policy, shards, detector, split=split, videos=videos, frames=frames)
 
 
 def write_outputs(report: dict[str, Any], vla: VlaTally, wm: WmTally, out: Path) -> None:

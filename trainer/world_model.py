@@ -253,10 +253,10 @@ def pick_trajectory(policy, shards: str | Path, steps: int, episode: str | None 
         raise WorldModelError(f"no {split} episode has {start + steps} world-model steps; "
                               "lower --steps")
     samples = groups[candidates[0]][start:start + steps]
-    return _trajectory(policy, candidates[0], split, samples)
+    return trajectory_of(policy, candidates[0], split, samples)
 
 
-def _trajectory(policy, episode: str, split: str, samples: list) -> Trajectory:
+def trajectory_of(policy, episode: str, split: str, samples: list) -> Trajectory:
     n = vocab.image_block_len(policy.card.resolution)
     side = policy.card.resolution // vocab.VQ_DOWNSAMPLE
     id_to_code = policy.processor.tokenizer.id_to_image_code
