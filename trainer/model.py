@@ -9,7 +9,7 @@ float (it is a text generator), so image CE through it would be infinite: this m
     losses = model(batch)           # {"loss", "ce_action", "ce_image", "l1", ...}
 
 Inference (SPEC.md 8), the same mask as training:
-    model = RynnModel.from_checkpoint(Path("runs/demo/step-000300"))
+    model = trainer.checkpoint.load_model(Path("runs/demo/step-000300"))
     actions = model.predict_chunk(prompt_plus_action_start)      # continuous: (1, K, D)
 Token-by-token decoding with a KV cache lives in trainer/policy.py (Stepper, Backend).
 """
@@ -128,21 +128,7 @@ class RynnModel(nn.Module):
         h = self.hidden(ids, valid)
         return self.action_head(h, self.head_context(ids, valid))
 
-    @classmethod
-    def from_checkpoint(cls, step_dir: str | Path) -> "RynnModel":
-        """A trained checkpoint directory (step-NNNNNN/) in eval mode on the CPU."""
-        from trainer.checkpoint import load_model
-        return load_model(Path(step_dir))
-
     # -- loading a pretrained backbone
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, cfg: ModelConfig, *, chunk: int,
-                        action_dim: int) -> "RynnModel":
-        """A new model whose backbone and lm_head come from a Hugging Face Chameleon checkpoint."""
-        model = cls(cfg, chunk=chunk, action_dim=action_dim)
-        model.load_pretrained(path)
-        return model
 
     @torch.no_grad()
     def load_pretrained(self, path: str | Path) -> dict[str, int]:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline.errors import RynnError
+from pipeline.io import write_bytes, write_json
 from pipeline.progress import Progress, console
 from shards.reader import ShardReader
 from trainer import checkpoint as ckpt
@@ -184,7 +185,7 @@ def truncate_metrics(run: Path, step: int) -> None:
     path = run / "metrics.jsonl"
     if path.exists():
         rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+        write_bytes(path, "".join(r + "\n" for r in rows).encode())
 
 
 def plot(run: Path) -> Path:
@@ -234,7 +235,7 @@ def train(cfg: TrainConfig, shards: Path, out: Path, *, resume: bool = False,
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out, state["step"])
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        write_json(out / "train_config.json", asdict(cfg))
     loop(cfg, net, optimizer, reader, state, shards, out, card, device, stop_after)
     reader.close()
     if rank == 0:
@@ -365,5 +366,4 @@ def write_rank_digest(net: torch.nn.Module, out: Path, rank: int) -> None:
     for name in sorted(weights):
         h.update(name.encode())
         h.update(weights[name].detach().float().cpu().numpy().tobytes())
-    (out / f"rank-{rank}.json").write_text(json.dumps({"rank": rank,
-                                                       "sha256": h.hexdigest()}) + "\n")
+    write_json(out / f"rank-{rank}.json", {"rank": rank, "sha256": h.hexdigest()})
