@@ -62,7 +62,9 @@ def test_detector_is_called_with_the_i3d_convention(tmp_path):
     videos = np.random.default_rng(1).integers(0, 256, (3, 4, 16, 16, 3), dtype=np.uint8)
     feats = i3d_features(detector, videos, batch=2)
     assert feats.shape == (3, 5) and feats.dtype == np.float64
-    np.testing.assert_allclose(feats[1:2], i3d_features(detector, videos[1:2]))
+    # float32 features from a batch of 2 vs the same video alone: batch-dependent kernels differ
+    # by a few ulps (2.3e-7 relative seen), so compare at what float32 arithmetic can meet.
+    np.testing.assert_allclose(feats[1:2], i3d_features(detector, videos[1:2]), rtol=1e-5, atol=1e-6)
     with pytest.raises(FvdError, match="uint8"):
         i3d_features(detector, videos.astype(np.float32))
     with pytest.raises(FvdError, match="not found"):
