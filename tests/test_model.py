@@ -81,10 +81,32 @@ def test_losses_per_term_and_no_vla_batch():
 
 
 def test_published_loss_mode_and_quantized_target():
-    model = _model().train()
+    model = _model()                                   # eval: no dropout between the two passes
     cfg = TrainConfig(model=PRESETS["test"], loss_mode="published", l1_target="quantized")
-    out = model(_batch(_vla()), train_cfg=cfg)
-    assert set(out) >= {"ce", "z_loss", "l1", "loss"} and torch.isfinite(out["loss"])
+    batch = _batch(_vla())
+    out = model(batch, train_cfg=cfg)
+    assert set(out) == {"ce", "z_loss", "l1", "loss"}
+    # by hand, from the full logits: class-weighted CE (image codes 0.04), z-loss 1e-5, and L1
+    # against the bin centres of the label tokens (centre of interval d-1 of 256 edges in [-1, 1])
+    with torch.no_grad():
+        valid = batch["attention_mask"].bool()
+        h = model.hidden(batch["input_ids"], valid)
+        target = batch["labels"][0, 1:]
+        sel = target != v.IGNORE_INDEX
+        logits = model.lm_head(h[0, :-1][sel]).float()
+        t = target[sel]
+        nll = -torch.log_softmax(logits, -1)[torch.arange(len(t)), t]
+        w = torch.where((t >= v.IMAGE_CODE_FIRST) & (t <= v.IMAGE_CODE_LAST), 0.04, 1.0)
+        ce = (w * nll).sum() / w.sum()
+        z = 1e-5 * torch.logsumexp(logits, -1).pow(2).mean()
+        edges = torch.linspace(-1, 1, 256, dtype=torch.float64)
+        centre = [float((edges[d - 1] + edges[d]) / 2) for d in (5, 6, 7, 1, 2, 3)]
+        pred = model.action_head(h, model.head_context(batch["input_ids"], valid))
+        l1 = (pred.reshape(-1).double() - torch.tensor(centre)).abs().mean()
+    assert float(out["ce"]) == pytest.approx(float(ce), rel=1e-5)
+    assert float(out["z_loss"]) == pytest.approx(float(z), rel=1e-5)
+    assert float(out["l1"]) == pytest.approx(float(l1), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(float(ce + z + 10 * l1), rel=1e-5)
 
 
 def test_logits_only_at_supervised_positions_match_full_logits():

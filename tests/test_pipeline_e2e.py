@@ -63,7 +63,7 @@ def test_changing_chunk_encodes_zero_images(suite, tmp_path):
     assert again["pretokenize"] == first["pretokenize"]          # cache hit: 0 encodes
     assert again["shards"] != first["shards"]
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
-    assert manifest["config"]["conv.chunk"] == 3 if "conv.chunk" in manifest["config"] else True
+    assert manifest["config"]["conv.chunk"] == 3 and manifest["conv"]["chunk"] == 3
 
 
 def test_same_input_twice_is_byte_identical(suite, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from pipeline.errors import RynnError
 from trainer import checkpoint as ckpt
 from trainer.config import resolve_train_config
 from trainer.schedule import lr_at
@@ -65,7 +66,7 @@ def test_resume_refuses_other_shards_or_model(tiny_shards, tmp_path):
     run = tmp_path / "run"
     train(_cfg(steps=3), tiny_shards, run)
     other = replace(_cfg(steps=6), model=replace(_cfg().model, layers=3))
-    with pytest.raises(Exception, match="model shape"):
+    with pytest.raises(RynnError, match="another model shape; use the same --preset"):
         train(other, tiny_shards, run, resume=True)
 
 
