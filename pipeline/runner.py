@@ -15,8 +15,8 @@ A per-key file lock keeps two concurrent runs from working on the same key.
 Under torchrun (pipeline/group.py) a stage marked `distributed` runs on every rank at once: rank 0
 holds the key's lock, all ranks write into the partial directory, rank 0 publishes.
 
-    from pipeline.runner import run_pipeline
-    outputs = run_pipeline(cfg, raw=Path("demos"), cache=Path("out/cache"))
+    from pipeline.workflow import make_runner
+    outputs = make_runner(cfg, raw=Path("demos"), out=Path("out/demo")).run()  # {stage: dir}
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Library functions behind the commands: resolve a config, run or plan the data pipeline, export.
 
-    from pipeline.workflow import tokenize
-    shards_dir = tokenize(raw=Path("demos"), recipe_name="demo", out=Path("out/demo"))
+    from pipeline.workflow import resolve_config, tokenize
+    stage_dirs = tokenize(resolve_config("demo"), raw=Path("demos"), out=Path("out/demo"))
+    # the shard set is exported to out/demo/shards
 """
 
 from __future__ import annotations
