@@ -29,7 +29,7 @@ import torch
 from pipeline.config import RunConfig, demo
 from pipeline.episode import VIEWS, Episode, EpisodeRef
 from pipeline.io import write_json, write_npz
-from pipeline.runner import Context, Runner
+from pipeline.runner import Runner
 from stages import pretokenize, vq
 
 SYNTH_HW = 128
@@ -99,7 +99,7 @@ def time_stage(cfg: RunConfig, raw: Path, filt: Path, work: Path) -> float:
     out = work / "stage"
     out.mkdir()
     t0 = time.perf_counter()
-    pretokenize.run(Context(cfg=cfg, raw=raw, inputs={"filter": filt}, out=out, quiet=True))
+    pretokenize.run(pretokenize.STAGE.context(cfg, raw=raw, inputs={"filter": filt}, out=out, quiet=True))
     return time.perf_counter() - t0
 
 

@@ -312,17 +312,80 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 def select(cfg: RunConfig, patterns: tuple[str, ...]) -> dict[str, Any]:
     """The config fields a stage reads: exact names or group prefixes ("conv.*")."""
+    if isinstance(cfg, ConfigView):
+        return cfg.select(patterns)
     flat = flatten(cfg)
     out = {}
     for pat in patterns:
-        if pat.endswith(".*"):
-            hits = {k: v for k, v in flat.items() if k.startswith(pat[:-1])}
-        else:
-            hits = {pat: flat[pat]} if pat in flat else {}
+        hits = {k: v for k, v in flat.items() if declared(k, (pat,))}
         if not hits:
             raise ConfigError(f"stage field {pat!r} matches no config option")
         out.update(hits)
     return dict(sorted(out.items()))
+
+
+class UndeclaredField(ConfigError):
+    """A stage read a config field it did not declare (its cache key would miss that field)."""
+
+
+def declared(path: str, patterns: tuple[str, ...]) -> bool:
+    """Whether dotted `path` is named by `patterns` (exact names or group prefixes "conv.*")."""
+    return any(path == p or (p.endswith(".*") and path.startswith(p[:-1])) for p in patterns)
+
+
+class ConfigView:
+    """A read-only view of a config that lets its reader see only the fields it declared.
+
+    The runner hands each stage `ConfigView(cfg, stage.fields + stage.untracked, stage.name)`:
+    reading any other leaf field raises `UndeclaredField` naming the stage and the field, so an
+    undeclared read can never give a stale cache hit. Nested configs come back as views too.
+    `replace(...)` returns a view of a modified copy (for execution-only fields such as a device).
+    """
+
+    __slots__ = ("_cfg", "_allowed", "_owner", "_prefix")
+
+    def __init__(self, cfg: Any, allowed: tuple[str, ...], owner: str, prefix: str = "") -> None:
+        for name, value in (("_cfg", cfg), ("_allowed", tuple(allowed)), ("_owner", owner),
+                            ("_prefix", prefix)):
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._cfg, name)
+        path = self._prefix + name
+        if dataclasses.is_dataclass(value):
+            return ConfigView(value, self._allowed, self._owner, f"{path}.")
+        self._check(path)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"config is read-only (tried to set {name!r})")
+
+    def __getstate__(self) -> tuple:
+        return self._cfg, self._allowed, self._owner, self._prefix
+
+    def __setstate__(self, state: tuple) -> None:
+        self.__init__(*state)
+
+    def __repr__(self) -> str:
+        return f"ConfigView({self._owner!r}, {self._prefix or 'root'})"
+
+    def select(self, patterns: tuple[str, ...]) -> dict[str, Any]:
+        """`select` over the viewed config; every selected field must be declared."""
+        out = select(self._cfg, patterns)
+        for path in out:
+            self._check(self._prefix + path)
+        return out
+
+    def _check(self, path: str) -> None:
+        if not declared(path, self._allowed):
+            raise UndeclaredField(f"stage {self._owner!r} read config field {path!r} without "
+                                  f"declaring it: add {path!r} to the stage's fields (they make "
+                                  f"its cache key)")
+
+    def replace(self, **changes: Any) -> "ConfigView":
+        """A view of a copy with `changes` (values may be views of sub-configs)."""
+        plain = {k: v._cfg if isinstance(v, ConfigView) else v for k, v in changes.items()}
+        return ConfigView(replace(self._cfg, **plain), self._allowed, self._owner, self._prefix)
 
 
 def digest(obj: Any) -> str:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 from rich.markup import escape
 
 from pipeline import __version__
-from pipeline.config import RunConfig, digest, select
+from pipeline.config import ConfigView, RunConfig, digest, select
 from pipeline.errors import StageError
 from pipeline.group import Group
 from pipeline.io import file_entry, read_json, sha256_bytes, write_json
@@ -59,16 +59,27 @@ class Stage:
     input_digest: Callable[["Context"], dict[str, str]] | None = None
     # Runs on every rank of a torchrun group, splitting its work (see pipeline/group.py).
     distributed: bool = False
+    # Fields it also reads that cannot change its output bytes (devices, worker counts, batch
+    # sizes): readable, but not part of the key. Any other read raises (pipeline.config.ConfigView).
+    untracked: tuple[str, ...] = ()
+
+    def context(self, cfg: RunConfig, **kwargs: Any) -> "Context":
+        """The context this stage runs in: `cfg` seen through a view of its declared fields."""
+        return Context(cfg=ConfigView(cfg, self.fields + self.untracked, self.name), **kwargs)
 
 
 @dataclass
 class Context:
-    cfg: RunConfig
+    cfg: ConfigView                     # RunConfig, readable only where the stage declared it
     raw: Path | None                    # raw data root (suite sub-directory applied)
     inputs: dict[str, Path]             # dep stage name -> its published output directory
     out: Path                           # where to write; survives a crash (resume from it)
     quiet: bool = False
     group: Group = field(default_factory=Group)   # ranks sharing a `distributed` stage's work
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cfg, ConfigView):
+            raise TypeError("Context.cfg must be a ConfigView: build it with Stage.context(cfg, ...)")
 
     def log(self, msg: str) -> None:
         if not self.quiet and self.group.leader:
@@ -169,8 +180,8 @@ class Runner:
         self._raw_fp: str | None = None
 
     def _ctx(self, stage: Stage, inputs: dict[str, Path], out: Path) -> Context:
-        return Context(cfg=self.cfg, raw=self.raw, inputs=inputs, out=out, quiet=self.quiet,
-                       group=self.group)
+        return stage.context(self.cfg, raw=self.raw, inputs=inputs, out=out, quiet=self.quiet,
+                             group=self.group)
 
     def _digests(self, stage: Stage, ctx: Context) -> dict[str, str]:
         if stage.input_digest is not None:

@@ -27,13 +27,13 @@ import queue
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.config import ImageConfig, RunConfig, digest
+from pipeline.config import ConfigView, ImageConfig, digest
 from pipeline.episode import VIEWS, Episode, EpisodeRef
 from pipeline.errors import DataError
 from pipeline.io import load_npz, npy_bytes, read_json, write_bytes, write_json
@@ -189,7 +189,7 @@ class _Failed:
 class Plan:
     """What one process encodes and how."""
 
-    cfg: RunConfig
+    cfg: ConfigView                     # the stage's view of the RunConfig
     raw: Path | None
     out: Path
     jobs: list[Job]
@@ -367,7 +367,7 @@ def _drain(progress, bar) -> None:
 # The stage.
 # ---------------------------------------------------------------------------------------------
 
-def store_doc(cfg: RunConfig, handle, jobs: list[Job], fmt: str) -> dict[str, Any]:
+def store_doc(cfg: ConfigView, handle, jobs: list[Job], fmt: str) -> dict[str, Any]:
     """store.json: identical for any worker count or interruption (no timings, no paths)."""
     from stages.vq import PREPROCESSING
     side = grid_side(cfg.image.resolution, handle)
@@ -391,8 +391,8 @@ def run(ctx: Context) -> Result:
     from stages.vq import load_vq
     cfg, image, group = ctx.cfg, ctx.cfg.image, ctx.group
     jobs = read_jobs(ctx.inputs["filter"])
-    image = replace(image, device=rank_device(image.device, group.world))
-    cfg = replace(cfg, image=image)     # workers of this rank share its device
+    image = image.replace(device=rank_device(image.device, group.world))
+    cfg = cfg.replace(image=image)      # workers of this rank share its device
     handle = load_vq(image.vq_path, random_arch=image.vq_random_arch, seed=image.vq_seed,
                      device=image.device)
     side = grid_side(image.resolution, handle)
@@ -452,7 +452,7 @@ STAGE = Stage(name="pretokenize", version="1",
               fields=("image.resolution", "image.vq_path", "image.vq_random_arch", "image.vq_seed",
                       "image.precision", "source.*"),
               deps=("filter", "raw"), run=run, estimate=estimate, input_digest=input_digest,
-              distributed=True)
+              distributed=True, untracked=("image.workers", "image.device", "image.batch_size"))
 
 
 # ---------------------------------------------------------------------------------------------

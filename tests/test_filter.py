@@ -13,7 +13,7 @@ from pipeline.demo_data import write_demo_suite
 from pipeline.episode import Episode, EpisodeRef
 from pipeline.errors import DataError, StageError
 from pipeline.io import load_npz, read_json
-from pipeline.runner import MANIFEST, Context, Runner
+from pipeline.runner import MANIFEST, Runner
 from stages import filter as filt
 from stages import fit_bins, source
 from stages.bins import Stats
@@ -134,7 +134,7 @@ def fake_source(monkeypatch):
 
 
 def run_stage(tmp_path: Path, cfg=None, out: str = "out"):
-    ctx = Context(cfg=cfg or base(), raw=tmp_path, inputs={}, out=tmp_path / out, quiet=True)
+    ctx = filt.STAGE.context(cfg or base(), raw=tmp_path, inputs={}, out=tmp_path / out, quiet=True)
     return filt.run(ctx), ctx.out
 
 
@@ -212,7 +212,7 @@ def test_nan_action_is_a_data_error(tmp_path, fake_source):
 def test_estimate_counts_episodes_and_steps(tmp_path, fake_source):
     add(fake_source, make_episode("t", 0, steps(1, 3), after=False),
         make_episode("t", 1, steps(0, 2), after=False))
-    ctx = Context(cfg=base(), raw=tmp_path, inputs={}, out=tmp_path / "x", quiet=True)
+    ctx = filt.STAGE.context(base(), raw=tmp_path, inputs={}, out=tmp_path / "x", quiet=True)
     assert filt.estimate(ctx) == {"episodes": 2, "steps": 6}
 
 

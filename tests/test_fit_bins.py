@@ -12,7 +12,6 @@ from pipeline.actions import relative_chunk
 from pipeline.config import RunConfig, base
 from pipeline.errors import DataError, StageError
 from pipeline.io import write_json, write_npz
-from pipeline.runner import Context
 from pipeline.splits import assign_splits, held_out_count
 from stages import fit_bins
 from stages.bins import Stats
@@ -76,7 +75,7 @@ def cfg_with(**groups) -> RunConfig:
 
 
 def run_fit(tmp_path: Path, cfg: RunConfig) -> Stats:
-    ctx = Context(cfg=cfg, raw=None, inputs={"filter": tmp_path / "filter"},
+    ctx = fit_bins.STAGE.context(cfg, raw=None, inputs={"filter": tmp_path / "filter"},
                   out=tmp_path / "out", quiet=True)
     fit_bins.run(ctx)
     return Stats.load(ctx.out / "stats.json")

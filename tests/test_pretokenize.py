@@ -76,7 +76,7 @@ def world(tmp_path):
 def make_ctx(cfg, world, out="out") -> Context:
     root, filt = world
     (root / out).mkdir(exist_ok=True)
-    return Context(cfg=cfg, raw=root / "raw", inputs={"filter": filt}, out=root / out, quiet=True)
+    return pretokenize.STAGE.context(cfg, raw=root / "raw", inputs={"filter": filt}, out=root / out, quiet=True)
 
 
 def tree_bytes(path: Path) -> dict[str, bytes]:

@@ -20,7 +20,6 @@ from pipeline.io import read_json
 from pipeline.config import base
 from pipeline.errors import DataError
 from pipeline.io import write_json, write_npy, write_npz
-from pipeline.runner import Context
 from shards.verify import verify
 from stages.bins import FieldStats, Stats
 from stages.shards_stage import STAGE, build_shards
@@ -282,7 +281,7 @@ def test_stage_run_through_context(tmp_path):
     dirs = make_inputs(tmp_path, episodes_per_task=1)
     out = tmp_path / "stage"
     out.mkdir()
-    ctx = Context(cfg=config(None), raw=None, out=out, quiet=True,
+    ctx = STAGE.context(config(None), raw=None, out=out, quiet=True,
                   inputs={"filter": dirs["filter"], "fit-bins": dirs["fit"],
                           "pretokenize": dirs["store"]})
     result = STAGE.run(ctx)
