@@ -206,6 +206,9 @@ def act_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run
             prev_wrist: Optional[Path] = typer.Option(None, help="Previous wrist frame (history)."),
             mode: str = typer.Option("continuous", help="continuous (action head) or discrete."),
             no_cache: bool = typer.Option(False, help="Discrete mode without the KV cache."),
+            unconstrained: bool = typer.Option(
+                False, help="Discrete mode: plain greedy decoding (the published decoder), "
+                            "malformed output reported, instead of decoding under the grammar."),
             vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
             tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path."),
             out: Optional[Path] = typer.Option(None, help="Write the K x D actions to this .npy.")) -> None:
@@ -217,7 +220,7 @@ def act_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run
     try:
         actions = policy.act(instruction, _vector(state), _image(front), _image(wrist),
                              prev_front=prev[0], prev_wrist=prev[1], mode=mode,
-                             use_cache=not no_cache)
+                             use_cache=not no_cache, constrained=not unconstrained)
     except MalformedActions as exc:
         for problem in exc.problems:
             console.print(f"[red]malformed[/]: {escape(str(problem))}")

@@ -19,10 +19,15 @@ Modes (SPEC.md 8):
 - "continuous": prompt + ACTION_START, one forward pass, the action head -> K x D normalized,
   un-normalized with the card's action stats (relative-action recipes: the current state is added
   back on the relative dims).
-- "discrete": greedy decoding under the action mask with a KV cache until SEP; the ACTION_START ..
-  ACTION_END blocks are parsed and decoded to bin centres. A malformed generation (wrong block
-  length, a non-bin token inside a block, fewer or more than K blocks, no SEP within the budget)
-  raises `MalformedActions` carrying every problem found; nothing is patched.
+- "discrete": greedy decoding under the action mask with a KV cache; the ACTION_START ..
+  ACTION_END blocks are decoded to bin centres. By default decoding follows the response grammar
+  (`response_grammar`: K blocks of ACTION_START, D bin tokens, ACTION_END, then SEP): every token
+  the grammar does not allow at a position is masked, so the structural tokens are forced and each
+  bin position takes the best of the card's bins; the result is always K x D.
+  `constrained=False` is plain greedy decoding until SEP, as the published decoder does: a
+  malformed generation (wrong block length, a non-bin token inside a block, fewer or more than K
+  blocks, no SEP within the budget) raises `MalformedActions` carrying every problem found;
+  nothing is patched.
 """
 
 from __future__ import annotations
@@ -206,6 +211,25 @@ def _block_problems(body: np.ndarray, index: int, d: int, closed: bool) -> list[
     return out
 
 
+def response_grammar(k: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed shape of a discrete response: (tokens, is_bin), K (D + 2) + 1 positions.
+
+    `tokens` holds the one token the grammar allows at each structural position (ACTION_START,
+    ACTION_END, the closing SEP) and 0 at the K x D bin positions, where `is_bin` is true.
+    """
+    block = np.array([vocab.ACTION_START, *[0] * d, vocab.ACTION_END], np.int64)
+    tokens = np.append(np.tile(block, k), vocab.SEP)
+    is_bin = np.append(np.tile([False, *[True] * d, False], k), False)
+    return tokens, is_bin
+
+
+def allowed_bins(num_bins: int) -> torch.Tensor:
+    """Bool (V,) mask of the action-bin tokens of bins 1..num_bins."""
+    mask = torch.zeros(vocab.VOCAB_SIZE, dtype=torch.bool)
+    mask[vocab.ACTION_BIN_BASE + 1:vocab.ACTION_BIN_BASE + num_bins + 1] = True
+    return mask
+
+
 def bins_to_norm(bins: np.ndarray, num_bins: int) -> np.ndarray:
     """Bin ids (1..num_bins) -> normalized bin centres."""
     return from_bins(bins, num_bins)
@@ -383,14 +407,16 @@ class Policy:
     # -- acting
 
     def act(self, instruction: str, state, front, wrist, prev_front=None, prev_wrist=None,
-            mode: str = "continuous", *, use_cache: bool = True) -> np.ndarray:
-        """The next K actions (K, D) in robot units."""
+            mode: str = "continuous", *, use_cache: bool = True,
+            constrained: bool = True) -> np.ndarray:
+        """The next K actions (K, D) in robot units (`constrained`: discrete decoding under the
+        response grammar; False: plain greedy, MalformedActions when malformed)."""
         if mode not in MODES:
             raise PolicyError(f"mode must be one of {MODES}, got {mode!r}")
         state = check_state(self.card, state)
         prompt = self.prompt_tokens(instruction, state, front, wrist, prev_front, prev_wrist)
         norm = (self.continuous_norm(prompt) if mode == "continuous"
-                else self.discrete_norm(prompt, use_cache=use_cache))
+                else self.discrete_norm(prompt, use_cache=use_cache, constrained=constrained))
         return to_robot_units(self.card, norm, state)
 
     def continuous_norm(self, prompt: np.ndarray) -> np.ndarray:
@@ -414,8 +440,29 @@ class Policy:
                 return np.asarray(stepper.ids[len(prompt):-1], np.int64), True
         return np.asarray(stepper.ids[len(prompt):], np.int64), False
 
-    def discrete_norm(self, prompt: np.ndarray, *, use_cache: bool = True) -> np.ndarray:
-        """Greedy action blocks -> bin centres (K, D) normalized; MalformedActions if malformed."""
+    def generate_constrained(self, prompt: np.ndarray, *, use_cache: bool = True) -> np.ndarray:
+        """Greedy response tokens under `response_grammar` (SEP excluded): structural tokens are
+        the only ones allowed at their positions, so they are appended without a forward pass;
+        each bin position takes the argmax over the card's bins."""
+        template, is_bin = response_grammar(self.card.chunk, self.card.action_dim)
+        stepper = Stepper(self.backend, prompt, use_cache=use_cache)
+        allowed = allowed_bins(self.card.num_bins)
+        for token, free in zip(template[:-1].tolist(), is_bin[:-1].tolist()):
+            if free:
+                stepper.greedy(allowed)
+            else:
+                stepper.append(token)
+        return np.asarray(stepper.ids[len(prompt):], np.int64)
+
+    def discrete_norm(self, prompt: np.ndarray, *, use_cache: bool = True,
+                      constrained: bool = True) -> np.ndarray:
+        """Action blocks -> bin centres (K, D) normalized. Constrained: always well formed;
+        unconstrained: MalformedActions if malformed."""
+        if constrained:
+            tokens = self.generate_constrained(prompt, use_cache=use_cache)
+            self.last_generation = tokens
+            bins, _ = parse_action_blocks(tokens, self.card.chunk, self.card.action_dim)
+            return bins_to_norm(bins, self.card.num_bins)
         tokens, ended = self.generate_actions(prompt, use_cache=use_cache)
         self.last_generation = tokens
         bins, problems = parse_action_blocks(tokens, self.card.chunk, self.card.action_dim)
