@@ -16,9 +16,12 @@ the current state added, as the policy does).
 
 Episodes: the env plays task `seed % num_tasks` for a seed (`num_tasks` is 1 for single-task envs),
 so N episodes per task are the seeds S .. S + N * num_tasks - 1. Each policy call returns a chunk
-of K actions; all K are executed (action chunking) unless the episode ends first, and an episode
-never runs past `env.max_steps`. The model's history frames are the observation before the last
-executed step (the previous frame, as in the shards). Several env processes run at once (`procs`,
+of K actions; all K are executed (action chunking; `execute` = n runs only the first n, re-planning
+more often) unless the episode ends first, and an episode never runs past `env.max_steps`. The model's history frames are the observation before the last
+executed step (the previous frame, as in the shards). The policy encodes each camera frame once:
+its processor keeps the VQ codes of recent frames, so a history frame that was the current frame
+of the previous call is not encoded again (with execute = 1 that halves VQ work; with whole
+chunks the previous frame is new at every call). `code_cache=False` is the naive path. Several env processes run at once (`procs`,
 spawned, each with one torch thread); the results do not depend on `procs`: same seeds, same
 checkpoint, same results (`actions_sha256` digests every executed action).
 
@@ -68,6 +71,8 @@ class RolloutConfig:
     vq_path: str | None = None
     tokenizer_path: str | None = None
     constrained: bool = True                  # discrete mode under the response grammar
+    execute: int | None = None                # actions executed per policy call (None: all K)
+    code_cache: bool = True                   # reuse the VQ codes of frames seen before
     env_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,6 +81,7 @@ class RolloutConfig:
                   (self.mode in MODES, "mode", f"choose one of {list(MODES)}"),
                   (self.procs >= 1, "procs", "use at least 1"),
                   (self.videos >= 0, "videos", "use 0 or more"),
+                  (self.execute is None or self.execute >= 1, "execute", "use at least 1"),
                   (self.policy != "mean" or self.shards is not None, "shards",
                    "the mean baseline needs --shards (a shard directory or a checkpoint)")]
         for ok, option, hint in checks:
@@ -178,6 +184,8 @@ def build_agent(cfg: RolloutConfig) -> Agent:
     from trainer.policy import Policy
     policy = Policy.from_checkpoint(cfg.policy, vq_path=cfg.vq_path,
                                     tokenizer_path=cfg.tokenizer_path)
+    if not cfg.code_cache:
+        policy.processor.cache_frames = 0
     return PolicyAgent(policy, cfg.mode, cfg.constrained)
 
 
@@ -198,8 +206,10 @@ def upright_pair(obs: Observation) -> np.ndarray:
     return np.concatenate([obs.front[::-1, ::-1], obs.wrist[::-1, ::-1]], axis=1)
 
 
-def run_episode(env: Env, agent: Agent, seed: int, *, record: bool = False) -> Episode:
-    """Reset with `seed`, then execute chunks until success or the env's step limit."""
+def run_episode(env: Env, agent: Agent, seed: int, *, record: bool = False,
+                execute: int | None = None) -> Episode:
+    """Reset with `seed`, then execute chunks (their first `execute` actions; None: all) until
+    success or the env's step limit."""
     t0 = time.perf_counter()
     obs, prev = env.reset(seed), None
     agent.start(env)
@@ -212,7 +222,7 @@ def run_episode(env: Env, agent: Agent, seed: int, *, record: bool = False) -> E
         policy_s, calls = policy_s + time.perf_counter() - t, calls + 1
         if len(actions) == 0:
             break
-        for action in actions[:env.max_steps - steps]:
+        for action in actions[:min(execute or len(actions), env.max_steps - steps)]:
             digest.update(action.tobytes())
             step = env.step(action)
             steps, prev, obs = steps + 1, obs, step.obs
@@ -244,9 +254,11 @@ def _worker_init(cfg: RolloutConfig, one_thread: bool = True) -> None:
 
 
 def _worker_run(seed: int, record: bool) -> Episode:
-    episode = run_episode(_WORKER["env"], _WORKER["agent"], seed, record=record)
+    cfg = _WORKER["cfg"]
+    episode = run_episode(_WORKER["env"], _WORKER["agent"], seed, record=record,
+                          execute=cfg.execute)
     if record:
-        write_video(_WORKER["cfg"].out / "videos" / f"seed-{seed:06d}.mp4", episode.frames)
+        write_video(cfg.out / "videos" / f"seed-{seed:06d}.mp4", episode.frames)
         episode.frames = sheet_frames(episode.frames)
     return episode
 

@@ -95,3 +95,21 @@ def test_checkpoint_rollout_is_reproducible(ckpt, tmp_path, mode):
     assert rows == records(tmp_path / "2")
     assert rows[0]["steps"] == 6 and rows[0]["policy_calls"] == 2      # K = 3 executed per call
     assert first["overall"]["episodes"] == 1 and first["policy_latency_ms"] > 0
+
+
+def test_code_cache_encodes_each_frame_once_with_identical_results(ckpt):
+    """Re-planning every step (execute=1): the history frames are the previous call's current
+    frames; with the cache each frame is encoded once, and the actions are the naive path's."""
+    from sim.env import make_env
+    from sim.rollout import PolicyAgent, run_episode
+    from trainer.policy import Policy
+    run, _ = ckpt
+    results = {}
+    for cache in (8, 0):
+        policy = Policy.from_checkpoint(run, device="cpu")
+        policy.processor.cache_frames = cache
+        env = make_env("demo:1", max_steps=3)
+        episode = run_episode(env, PolicyAgent(policy, "continuous", True), 11, execute=1)
+        results[cache] = (episode.record["actions_sha256"], policy.processor.encoded)
+    assert results[8][0] == results[0][0]
+    assert results[8][1] == 2 * 3 and results[0][1] == 2 + 4 * 2    # 3 calls, history from call 2

@@ -32,6 +32,7 @@ Modes (SPEC.md 8):
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,13 @@ def check_state(card: Card, state: Any) -> np.ndarray:
     return arr
 
 
+def frame_key(image: np.ndarray) -> bytes:
+    """A content key of one frame (shape and bytes)."""
+    arr = np.ascontiguousarray(image)
+    return hashlib.blake2b(arr.tobytes(), digest_size=16,
+                           person=str(arr.shape).encode()[:16]).digest()
+
+
 def to_robot_units(card: Card, norm: np.ndarray, state: np.ndarray) -> np.ndarray:
     """Normalized (K, D) actions -> robot units; relative dims get the current state added."""
     out = unnormalize(norm, card.stats.action.min, card.stats.action.max)
@@ -239,19 +247,48 @@ def bins_to_norm(bins: np.ndarray, num_bins: int) -> np.ndarray:
 # The processor: card + tokenizer + VQ encoder.
 # ---------------------------------------------------------------------------------------------
 
+CODE_CACHE = 8                       # frames whose codes a Processor keeps (4 per call at M=2)
+
+
 @dataclass
 class Processor:
-    """Raw robot inputs -> the exact prompt tokens the shards hold for the same frames."""
+    """Raw robot inputs -> the exact prompt tokens the shards hold for the same frames.
+
+    The codes of the last `cache_frames` frames are kept, keyed by the frame's bytes: in a closed
+    loop the history frames of a call were the current frames of an earlier one, and are not
+    encoded again (0 turns the cache off: every call encodes every frame).
+    """
 
     card: Card
     tokenizer: Any                   # shards.tokenizer.TextTokenizer
     vq: Any                          # stages.vq.VQHandle
     precision: str = "fp32"
+    cache_frames: int = CODE_CACHE
+    encoded: int = 0                 # frames run through the VQ encoder so far
+    _codes: dict[bytes, np.ndarray] = field(default_factory=dict, repr=False)
 
     def image_codes(self, images: list[np.ndarray]) -> np.ndarray:
-        """Raw frames -> codebook indices (n, h, w), oriented, resized and encoded as training."""
+        """Raw frames -> codebook indices (n, h, w), oriented, resized and encoded as training;
+        frames seen recently come from the cache, the others are encoded in one batch."""
+        keys = [frame_key(img) for img in images]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._codes))
+        if missing:
+            fresh = self._encode([images[keys.index(k)] for k in missing])
+            self._codes.update(zip(missing, fresh))
+        out = np.stack([self._codes[k] for k in keys])
+        for key in list(self._codes)[:max(0, len(self._codes) - self.cache_frames)]:
+            del self._codes[key]                          # oldest first (insertion order)
+        return out
+
+    def clear_codes(self) -> None:
+        """Forget every cached frame code (the counter `encoded` starts again at 0)."""
+        self._codes.clear()
+        self.encoded = 0
+
+    def _encode(self, images: list[np.ndarray]) -> np.ndarray:
         from stages.vq import encode, preprocess
         frames = np.stack([orient(img, self.card.orientation) for img in images])
+        self.encoded += len(images)
         return encode(self.vq, preprocess(frames, self.card.resolution),
                       precision=self.precision).numpy()
 
