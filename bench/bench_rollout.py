@@ -64,6 +64,18 @@ def policy_run(policy: Policy, calls: int, *, cache: bool, execute: int | None
     return rec["policy_calls"] / rec["policy_s"], rec["actions_sha256"], policy.processor.encoded
 
 
+def interleaved(policy: Policy, args, execute: int | None) -> dict[bool, tuple[float, str, int]]:
+    """Per path (cache on / off): median calls/s over `repeats` runs taken in turn (the machine's
+    load drifts), the actions digest and frames encoded of the last run."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    last: dict[bool, tuple[float, str, int]] = {}
+    for _ in range(args.repeats):
+        for cache in (True, False):
+            last[cache] = policy_run(policy, args.calls, cache=cache, execute=execute)
+            rates[cache].append(last[cache][0])
+    return {c: (float(np.median(rates[c])), *last[c][1:]) for c in rates}
+
+
 def env_steps_per_s(episodes: int) -> tuple[float, float]:
     """(env steps per second, seconds per step) of the demo env driven by its expert."""
     env, agent, steps, t0 = make_env("demo", size=RES), ExpertAgent(), 0, time.perf_counter()
@@ -76,19 +88,21 @@ def env_steps_per_s(episodes: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--calls", type=int, default=4, help="policy calls per timed episode")
+    parser.add_argument("--calls", type=int, default=3, help="policy calls per timed episode")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per path (median)")
     parser.add_argument("--env-episodes", type=int, default=10)
     args = parser.parse_args(argv)
     policy = demo_policy(args.preset)
     policy_run(policy, 1, cache=True, execute=1)                     # warm-up
-    fast, digest_fast, enc_fast = policy_run(policy, args.calls, cache=True, execute=1)
-    slow, digest_slow, enc_slow = policy_run(policy, args.calls, cache=False, execute=1)
-    if digest_fast != digest_slow:
+    runs = interleaved(policy, args, execute=1)
+    if len({digest for _, digest, _ in runs.values()}) != 1:
         raise SystemExit("bench rollout: the cached path's actions differ from the naive path's")
-    chunk_fast, _, _ = policy_run(policy, args.calls, cache=True, execute=None)
-    chunk_slow, _, _ = policy_run(policy, args.calls, cache=False, execute=None)
+    (fast, _, enc_fast), (slow, _, enc_slow) = runs[True], runs[False]
+    chunks = interleaved(policy, args, execute=None)
+    chunk_fast, chunk_slow = chunks[True][0], chunks[False][0]
     env_rate, env_step_s = env_steps_per_s(args.env_episodes)
-    print(f"preset {args.preset}, {RES} px, K={K}, M=2, {args.calls} policy calls per path")
+    print(f"preset {args.preset}, {RES} px, K={K}, M=2, {args.calls} policy calls per episode, "
+          f"median of {args.repeats} interleaved episodes per path")
     print(f"re-plan every step: rollout {fast:.3f} calls/s ({enc_fast} frames encoded) vs naive "
           f"{slow:.3f} calls/s ({enc_slow} frames encoded): {fast / slow:.2f}x, same actions")
     print(f"whole chunks (K={K} steps per call): rollout {chunk_fast:.3f} calls/s vs naive "

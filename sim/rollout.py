@@ -25,7 +25,8 @@ chunks the previous frame is new at every call). `code_cache=False` is the naive
 spawned, each with one torch thread); the results do not depend on `procs`: same seeds, same
 checkpoint, same results (`actions_sha256` digests every executed action).
 
-Output in `out` (written atomically when the run ends): `episodes.jsonl` (one line per episode:
+Output in `out` (each file atomically; the videos as their episodes end, the rest when the run
+ends): `episodes.jsonl` (one line per episode:
 seed, task, success, steps, wall and policy time, policy calls, latency), `summary.json` (success
 rate and 95 % Wilson interval per task and overall), `videos/seed-<seed>.mp4` (front | wrist,
 upright) for the first `videos` episodes and `contact_sheet.png` (one row per video episode).
