@@ -246,9 +246,9 @@ def run_episode(env: Env, agent: Agent, seed: int, *, record: bool = False,
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(cfg: RolloutConfig, one_thread: bool = True) -> None:
-    """A worker's env and agent; spawned workers use one torch thread each (one env each)."""
-    if one_thread and cfg.policy not in BASELINES:
+def _worker_init(cfg: RolloutConfig) -> None:
+    """A worker's env and agent, with one torch thread (one env per process)."""
+    if cfg.policy not in BASELINES:
         import torch
         torch.set_num_threads(1)
     _WORKER.update(cfg=cfg, env=make_env(cfg.env, **cfg.env_kwargs), agent=build_agent(cfg))
@@ -264,19 +264,29 @@ def _worker_run(seed: int, record: bool) -> Episode:
     return episode
 
 
+def _run_here(cfg: RolloutConfig, seeds: list[int], recorded: set[int], bar) -> list[Episode]:
+    """procs=1: the episodes in this process, with the workers' one torch thread (so the results
+    match any `procs`); the caller's thread count is restored afterwards."""
+    import torch
+    threads, out = torch.get_num_threads(), []
+    try:
+        _worker_init(cfg)
+        for seed in seeds:
+            out.append(_worker_run(seed, seed in recorded))
+            bar.advance()
+    finally:
+        torch.set_num_threads(threads)
+        if "env" in _WORKER:
+            _WORKER.pop("env").close()
+    return out
+
+
 def _run_all(cfg: RolloutConfig, seeds: list[int], recorded: set[int]) -> list[Episode]:
     from pipeline.progress import Progress
     out: list[Episode] = []
     with Progress(len(seeds), f"rollout {cfg.policy} in {cfg.env}") as bar:
         if cfg.procs == 1:
-            _worker_init(cfg, one_thread=False)
-            try:
-                for seed in seeds:
-                    out.append(_worker_run(seed, seed in recorded))
-                    bar.advance()
-            finally:
-                _WORKER.pop("env").close()
-            return out
+            return _run_here(cfg, seeds, recorded, bar)
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(min(cfg.procs, len(seeds)), mp_context=mp.get_context("spawn"),
@@ -384,6 +394,27 @@ def contact_sheet(episodes: list[Episode]) -> bytes:
 # The run.
 # ---------------------------------------------------------------------------------------------
 
+def check_runnable(cfg: RolloutConfig) -> int:
+    """Fail here, in one line, before any worker starts: the policy (checkpoint path, or what the
+    baseline needs) and the env spec. Returns the env's number of tasks."""
+    if cfg.policy == "mean":
+        baseline_card(cfg.shards)
+    elif cfg.policy not in BASELINES:
+        from trainer.policy import read_card, resolve_checkpoint
+        read_card(resolve_checkpoint(cfg.policy))
+    probe = make_env(cfg.env, **cfg.env_kwargs)
+    try:
+        if cfg.policy == "replay" and not hasattr(probe, "recorded_actions"):
+            raise EnvError(f"env {probe.name!r} has no recorded actions: --policy replay needs "
+                           "an env that provides them (demo)")
+        if cfg.policy == "expert":
+            probe.reset(cfg.seed)
+            probe.expert_action()                     # EnvError where there is no solver
+        return int(getattr(probe, "num_tasks", 1))
+    finally:
+        probe.close()
+
+
 def episode_seeds(cfg: RolloutConfig, num_tasks: int) -> list[int]:
     return list(range(cfg.seed, cfg.seed + cfg.episodes * num_tasks))
 
@@ -391,12 +422,11 @@ def episode_seeds(cfg: RolloutConfig, num_tasks: int) -> list[int]:
 def rollout(cfg: RolloutConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run every episode, write episodes.jsonl, summary.json, videos and the contact sheet."""
     from pipeline.io import write_bytes, write_json
-    probe = make_env(cfg.env, **cfg.env_kwargs)
-    num_tasks = int(getattr(probe, "num_tasks", 1))
-    probe.close()
+    num_tasks = check_runnable(cfg)
     seeds = episode_seeds(cfg, num_tasks)
     recorded = set(seeds[:cfg.videos])
-    (cfg.out / "videos").mkdir(parents=True, exist_ok=True)
+    if recorded:
+        (cfg.out / "videos").mkdir(parents=True, exist_ok=True)
     episodes = _run_all(cfg, seeds, recorded)
     records = [e.record for e in episodes]
     summary = summarize(cfg, records)

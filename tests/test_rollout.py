@@ -113,3 +113,14 @@ def test_code_cache_encodes_each_frame_once_with_identical_results(ckpt):
         results[cache] = (episode.record["actions_sha256"], policy.processor.encoded)
     assert results[8][0] == results[0][0]
     assert results[8][1] == 2 * 3 and results[0][1] == 2 + 4 * 2    # 3 calls, history from call 2
+
+
+def test_refusals_come_before_any_episode(tmp_path):
+    from pipeline.errors import RynnError
+    with pytest.raises(RynnError, match="processor.json"):
+        rollout(RolloutConfig(env="demo", policy=str(tmp_path / "nosuch"), out=tmp_path / "o"))
+    with pytest.raises(ConfigError, match="neither a shard directory"):
+        rollout(RolloutConfig(env="demo", policy="mean", shards=tmp_path, out=tmp_path / "o"))
+    with pytest.raises(RynnError, match="unknown environment"):
+        rollout(RolloutConfig(env="gym:CartPole", policy="expert", out=tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
