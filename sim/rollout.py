@@ -144,21 +144,30 @@ class MeanAgent:
 
 
 class PolicyAgent:
-    """A checkpoint: K actions per call from the current (and previous) observation."""
+    """A checkpoint: K actions per call from the current (and previous) observation.
+
+    A malformed generation (possible only with constrained=False) ends the episode as a failure
+    and is kept in `malformed`; it never stops the rollout."""
 
     def __init__(self, policy, mode: str, constrained: bool) -> None:
         self.policy, self.mode, self.constrained = policy, mode, constrained
         self.history = policy.card.history >= 2
+        self.malformed: list[str] = []
 
     def start(self, env: Env) -> None:
-        pass
+        self.malformed = []
 
     def chunk(self, env: Env, obs: Observation, prev: Observation | None) -> np.ndarray:
+        from trainer.policy import MalformedActions
         prev = prev if self.history else None
-        return self.policy.act(obs.instruction, obs.state, obs.front, obs.wrist,
-                               prev_front=None if prev is None else prev.front,
-                               prev_wrist=None if prev is None else prev.wrist,
-                               mode=self.mode, constrained=self.constrained)
+        try:
+            return self.policy.act(obs.instruction, obs.state, obs.front, obs.wrist,
+                                   prev_front=None if prev is None else prev.front,
+                                   prev_wrist=None if prev is None else prev.wrist,
+                                   mode=self.mode, constrained=self.constrained)
+        except MalformedActions as exc:
+            self.malformed = exc.problems
+            return np.zeros((0, env.action_dim))
 
 
 def baseline_card(path: Path):
@@ -236,6 +245,8 @@ def run_episode(env: Env, agent: Agent, seed: int, *, record: bool = False,
                "wall_s": round(time.perf_counter() - t0, 4), "policy_s": round(policy_s, 4),
                "policy_calls": calls, "latency_ms": round(1000 * policy_s / max(calls, 1), 2),
                "actions_sha256": digest.hexdigest()}
+    if getattr(agent, "malformed", None):
+        record_["malformed"] = list(agent.malformed)
     return Episode(record_, frames)
 
 

@@ -124,3 +124,21 @@ def test_refusals_come_before_any_episode(tmp_path):
     with pytest.raises(RynnError, match="unknown environment"):
         rollout(RolloutConfig(env="gym:CartPole", policy="expert", out=tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_malformed_generation_ends_the_episode_not_the_rollout():
+    """Unconstrained decoding may fail to parse: that episode fails, with the problems kept."""
+    from types import SimpleNamespace
+    from sim.env import make_env
+    from sim.rollout import PolicyAgent, run_episode
+    from trainer.policy import MalformedActions
+
+    class Stub:
+        card = SimpleNamespace(history=2)
+
+        def act(self, *args, **kwargs):
+            raise MalformedActions(["2 well-formed action blocks, expected K=3"], np.zeros(1))
+
+    episode = run_episode(make_env("demo"), PolicyAgent(Stub(), "discrete", False), 0)
+    assert episode.record["success"] is False and episode.record["steps"] == 0
+    assert episode.record["malformed"] == ["2 well-formed action blocks, expected K=3"]
