@@ -308,7 +308,7 @@ def rollout_cmd(env: str = typer.Option("demo", help="Environment: demo, robosui
                 videos: int = typer.Option(0, help="Write mp4 videos of the first N episodes."),
                 shards: Optional[Path] = typer.Option(None, help="Stats for `mean`: shard dir or checkpoint."),
                 unconstrained: bool = typer.Option(False, help="Discrete mode: plain greedy decoding."),
-                execute: Optional[int] = typer.Option(None, help="Actions executed per policy call [default: all K]."),
+                execute: Optional[int] = typer.Option(None, help="Actions executed per policy call (default: all K)."),
                 vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
                 tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path.")) -> None:
     """Run a policy or a baseline in an environment: success rate per task with 95% intervals."""
