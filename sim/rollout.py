@@ -278,15 +278,18 @@ def _worker_run(seed: int, record: bool) -> Episode:
 def _run_here(cfg: RolloutConfig, seeds: list[int], recorded: set[int], bar) -> list[Episode]:
     """procs=1: the episodes in this process, with the workers' one torch thread (so the results
     match any `procs`); the caller's thread count is restored afterwards."""
-    import torch
-    threads, out = torch.get_num_threads(), []
+    uses_torch, out = cfg.policy not in BASELINES, []
+    if uses_torch:
+        import torch
+        threads = torch.get_num_threads()
     try:
         _worker_init(cfg)
         for seed in seeds:
             out.append(_worker_run(seed, seed in recorded))
             bar.advance()
     finally:
-        torch.set_num_threads(threads)
+        if uses_torch:
+            torch.set_num_threads(threads)
         if "env" in _WORKER:
             _WORKER.pop("env").close()
     return out
