@@ -1,4 +1,4 @@
-"""Bench `rollout`: policy calls per second in a closed loop vs the naive per-call path, env steps/s.
+"""Bench `rollout`: policy calls/s in a closed loop vs the naive per-call path; env steps/s.
 
 One process, the demo env (`sim.demo_env`, 128 px) and a policy built like the demo recipe's:
 the trainer's RynnModel (random init, `--preset tiny`), the small random VQ-GAN at 128 px, history

@@ -16,14 +16,16 @@ the current state added, as the policy does).
 
 Episodes: the env plays task `seed % num_tasks` for a seed (`num_tasks` is 1 for single-task envs),
 so N episodes per task are the seeds S .. S + N * num_tasks - 1. Each policy call returns a chunk
-of K actions; all K are executed (action chunking; `execute` = n runs only the first n, re-planning
-more often) unless the episode ends first, and an episode never runs past `env.max_steps`. The model's history frames are the observation before the last
-executed step (the previous frame, as in the shards). The policy encodes each camera frame once:
-its processor keeps the VQ codes of recent frames, so a history frame that was the current frame
-of the previous call is not encoded again (with execute = 1 that halves VQ work; with whole
-chunks the previous frame is new at every call). `code_cache=False` is the naive path. Several env processes run at once (`procs`,
-spawned, each with one torch thread); the results do not depend on `procs`: same seeds, same
-checkpoint, same results (`actions_sha256` digests every executed action).
+of K actions; all K are executed (action chunking; `execute` = n runs only the first n,
+re-planning more often) unless the episode ends first, and an episode never runs past
+`env.max_steps`. The model's history frames are the observation before the last executed step
+(the previous frame, as in the shards). The policy encodes each camera frame once: its processor
+keeps the VQ codes of recent frames, so a history frame that was the current frame of the
+previous call is not encoded again (with execute = 1 that halves VQ work; with whole chunks the
+previous frame is new at every call). `code_cache=False` is the naive path. Several env
+processes run at once (`procs`, spawned, each with one torch thread; procs=1 runs here with one
+thread too); the results do not depend on `procs`: same seeds, same checkpoint, same results
+(`actions_sha256` digests every executed action).
 
 Output in `out` (each file atomically; the videos as their episodes end, the rest when the run
 ends): `episodes.jsonl` (one line per episode:
