@@ -90,3 +90,17 @@ def test_episode_limits_and_bad_input():
     with pytest.raises(EnvError, match="demo:<tasks>"):
         make_env("demo:Lift")
     assert make_env("demo:5").num_tasks == 5
+
+
+def test_expert_regrasps_after_a_missed_grasp():
+    env = DemoEnv()
+    env.reset(4)
+    while env.body.pos[2] > 0.06:                      # on its way down to the block
+        env.step(env.expert_action())
+    for _ in range(3):                                 # close too early: the grasp misses
+        env.step(np.array([0.0] * 6 + [1.0]))
+    assert not env.body.held and env.body.finger < 0.01
+    step = None
+    while step is None or not step.done:
+        step = env.step(env.expert_action())
+    assert step.success
