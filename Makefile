@@ -1,5 +1,5 @@
 # rynn-pipe: the whole run as make targets. `make help` lists them.
-#   make demo                              # set up, then demo data -> shards -> train -> act/imagine
+#   make demo                              # set up, then demo data -> shards -> train -> act/imagine/rollout
 #   make shards SUITE=libero_long DATA=/data/libero
 #   make train  SUITE=libero_long
 #   make test                              # the default (fast) test run, as CI runs it
@@ -50,6 +50,7 @@ demo: demo-data ## the main job on the embedded demo data: shards, training, inf
 	$(ACT) --mode discrete
 	$(RYNN) imagine --checkpoint runs/demo/latest --rollout --shards out/demo/shards --steps 2 --out runs/demo/imagine
 	$(RYNN) eval --checkpoint runs/demo/latest --shards out/demo/shards --out runs/demo/eval
+	$(RYNN) rollout --env demo --policy runs/demo/latest --episodes 1 --seed 1000 --procs 2 --videos 1 --out runs/demo/rollout
 
 plan: setup ## what `make shards` would run (cache hits, work to do)
 	$(RYNN) plan --raw $(DATA) --recipe $(SUITE) --out $(OUT) $(SETS)

@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 8 -m pipeline.cli tokenize ...   # VQ encoding split over ranks
     rynn-pipe verify out/demo/shards
     rynn-pipe train --shards out/demo/shards --out runs/demo --preset tiny --steps 300
+    rynn-pipe rollout --env demo --policy runs/demo/latest --episodes 10 --out runs/demo/rollout
 
 This is the only module that imports typer.
 """
@@ -206,6 +207,9 @@ def act_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run
             prev_wrist: Optional[Path] = typer.Option(None, help="Previous wrist frame (history)."),
             mode: str = typer.Option("continuous", help="continuous (action head) or discrete."),
             no_cache: bool = typer.Option(False, help="Discrete mode without the KV cache."),
+            unconstrained: bool = typer.Option(
+                False, help="Discrete mode: plain greedy decoding (the published decoder), "
+                            "malformed output reported, instead of decoding under the grammar."),
             vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
             tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path."),
             out: Optional[Path] = typer.Option(None, help="Write the K x D actions to this .npy.")) -> None:
@@ -217,7 +221,7 @@ def act_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run
     try:
         actions = policy.act(instruction, _vector(state), _image(front), _image(wrist),
                              prev_front=prev[0], prev_wrist=prev[1], mode=mode,
-                             use_cache=not no_cache)
+                             use_cache=not no_cache, constrained=not unconstrained)
     except MalformedActions as exc:
         for problem in exc.problems:
             console.print(f"[red]malformed[/]: {escape(str(problem))}")
@@ -289,6 +293,32 @@ def eval_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, ru
                       fvd_videos=fvd_videos, fvd_frames=fvd_frames)
     console.print(escape(json.dumps(_headline(report), indent=1, default=str)))
     console.print(f"report: {out / 'report.json'}")
+
+
+@app.command("rollout")
+@friendly
+def rollout_cmd(env: str = typer.Option("demo", help="Environment: demo, robosuite:<Task>, libero:<suite>."),
+                policy: str = typer.Option(..., help="Checkpoint (run dir, latest or step dir), or a "
+                                                     "baseline: expert, replay, mean."),
+                episodes: int = typer.Option(10, help="Seeded episodes per task."),
+                seed: int = typer.Option(0, help="First seed (episodes use seed .. seed + N x tasks - 1)."),
+                mode: str = typer.Option("continuous", help="continuous (action head) or discrete."),
+                procs: int = typer.Option(1, help="Env processes running at once."),
+                out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+                videos: int = typer.Option(0, help="Write mp4 videos of the first N episodes."),
+                shards: Optional[Path] = typer.Option(None, help="Stats for `mean`: shard dir or checkpoint."),
+                unconstrained: bool = typer.Option(False, help="Discrete mode: plain greedy decoding."),
+                execute: Optional[int] = typer.Option(None, help="Actions executed per policy call (default: all K)."),
+                vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
+                tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path.")) -> None:
+    """Run a policy or a baseline in an environment: success rate per task with 95% intervals."""
+    from sim.rollout import RolloutConfig, rollout
+    cfg = RolloutConfig(env=env, policy=policy, out=out, episodes=episodes, seed=seed, mode=mode,
+                        procs=procs, videos=videos, shards=shards, vq_path=vq_path,
+                        tokenizer_path=tokenizer_path, constrained=not unconstrained,
+                        execute=execute)
+    rollout(cfg)
+    console.print(f"summary: {out / 'summary.json'}")
 
 
 def _headline(report: dict) -> dict:

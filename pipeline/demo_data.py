@@ -17,6 +17,11 @@ exactly, one per task (`<task_name>_demo.hdf5`), in either flavour:
 Images are stored bottom-row-first (the upright render rotated 180 degrees), as LIBERO stores them.
 The output is byte-identical for the same arguments (no HDF5 timestamps, fixed object order).
 
+One simulation, two uses: the writer and the closed-loop environment (`sim.demo_env`) share the
+episode start (`scene`), the simulation step (`physics_step`), the observation (`ee_observation`,
+`render`, `to_stored`) and the success test (`block_on_plate`), so the env and the data cannot
+drift apart.
+
     rynn-pipe demo-data out/demo/raw --flavour raw --size 128 --tasks 3 --demos 4 --seed 0
     from pipeline.demo_data import write_demo_suite
     files = write_demo_suite(Path("demos"), flavour="regenerated", size=256)
@@ -143,6 +148,13 @@ def quat_to_rotvec(q: np.ndarray) -> np.ndarray:
 # Scene layout and the action schedule
 # ---------------------------------------------------------------------------------------------
 
+def scene(task: Task, number: int, seed: int) -> tuple[dict[str, np.ndarray], np.random.Generator]:
+    """The object layout and start pose of demo `number` of `task` (the generator goes on to draw
+    the rest of the demo: its length, plan, pauses and jitter)."""
+    rng = np.random.default_rng([seed, task.index, number])
+    return _layout(task, rng), rng
+
+
 def _layout(task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Object positions (at least 13 cm apart) and the end effector's start pose."""
     names = ["block", "plate"] + (["distractor"] if task.distractor else [])
@@ -220,12 +232,19 @@ def _order(moving: int, idle: int, rng: np.random.Generator) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
-class _Body:
+class Body:
+    """The moving state of the world: end effector, finger opening, the block and the grasp."""
+
     pos: np.ndarray
     quat: np.ndarray
     finger: float
     block: np.ndarray
     held: bool = False
+
+    @classmethod
+    def at_start(cls, layout: dict[str, np.ndarray]) -> "Body":
+        return cls(pos=layout["ee"].copy(), quat=layout["quat"], finger=FINGER_OPEN,
+                   block=layout["block"].copy())
 
     def snapshot(self) -> dict[str, np.ndarray]:
         return {"ee_pos": self.pos.copy(), "ee_quat": self.quat.copy(),
@@ -248,7 +267,8 @@ def _support(p: np.ndarray, layout: dict[str, np.ndarray]) -> float:
     return PLATE_TOP + HALF if on_plate else HALF
 
 
-def _physics(body: _Body, action: np.ndarray, layout: dict[str, np.ndarray]) -> None:
+def physics_step(body: Body, action: np.ndarray, layout: dict[str, np.ndarray]) -> None:
+    """Advance the world by one 7-d action (in place)."""
     body.pos = body.pos + action[:3] * MAX_STEP
     body.quat = _quat_mul(_rotvec_to_quat(action[3:6] * MAX_ROT), body.quat)
     closing = action[6] > 0
@@ -265,14 +285,13 @@ def _physics(body: _Body, action: np.ndarray, layout: dict[str, np.ndarray]) -> 
 def _simulate(order: np.ndarray, plan: dict[str, np.ndarray], layout: dict[str, np.ndarray],
               rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(actions (T, 7), trace of T+1 states: before the first action ... after the last)."""
-    body = _Body(pos=layout["ee"].copy(), quat=layout["quat"], finger=FINGER_OPEN,
-                 block=layout["block"].copy())
+    body = Body.at_start(layout)
     noise = rng.normal(0.0, ACTION_NOISE, (len(order), 3))
     actions, trace, grip = [], [body.snapshot()], -1.0
     for t, step in enumerate(order):
         action = _command(int(step), body.pos, grip, plan, noise[t])
         grip = action[6]
-        _physics(body, action, layout)
+        physics_step(body, action, layout)
         actions.append(action)
         trace.append(body.snapshot())
     return np.array(actions), {k: np.array([s[k] for s in trace]) for k in trace[0]}
@@ -304,22 +323,29 @@ def _sim_states(trace: dict[str, np.ndarray], joints: np.ndarray, gripper: np.nd
     return np.concatenate([np.arange(n)[:, None] * DT, *qpos, *qvel], 1)
 
 
-def _success(trace: dict[str, np.ndarray], layout: dict[str, np.ndarray]) -> bool:
-    block = trace["block"][-1]
+def block_on_plate(block: np.ndarray, layout: dict[str, np.ndarray]) -> bool:
+    """The task's success: the block rests on the plate."""
     return bool(abs(block[2] - PLATE_TOP - HALF) < 1e-6
                 and np.linalg.norm(block[:2] - layout["plate"][:2]) < PLATE_R)
+
+
+def ee_observation(trace: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(T, .) end-effector position, axis-angle orientation and gripper qpos of trace states:
+    the dataset's obs/ee_pos, obs/ee_ori, obs/gripper_states (the model state, concatenated)."""
+    return {"ee_pos": trace["ee_pos"], "ee_ori": quat_to_rotvec(trace["ee_quat"]),
+            "gripper_states": np.stack([trace["finger"], -trace["finger"]], 1)}
 
 
 def _low_dim(trace: dict[str, np.ndarray], actions: np.ndarray, layout: dict[str, np.ndarray],
              rows: slice) -> tuple[dict[str, np.ndarray], np.ndarray]:
     pos, quat = trace["ee_pos"], trace["ee_quat"]
-    ori = quat_to_rotvec(quat)
-    gripper = np.stack([trace["finger"], -trace["finger"]], 1)
+    ee = ee_observation(trace)
+    ori, gripper = ee["ee_ori"], ee["gripper_states"]
     joints = JOINT_HOME + np.concatenate([pos, ori - np.array([np.pi, 0, 0])], 1) @ JOINT_MIX
     sim = _sim_states(trace, joints, gripper, layout)
     n = len(actions)
     rewards = np.zeros(n, np.uint8)
-    rewards[-1] = _success(trace, layout)
+    rewards[-1] = block_on_plate(trace["block"][-1], layout)
     dones = np.zeros(n, np.uint8)
     dones[-1] = 1
     arrays = {"actions": actions, "states": sim[rows],
@@ -472,25 +498,42 @@ def _render_wrist(view: dict[str, np.ndarray], task: Task, layout: dict[str, np.
     return img
 
 
+def render(view: dict[str, np.ndarray], task: Task, layout: dict[str, np.ndarray],
+           size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Upright (T, size, size, 3) front and wrist frames of T states (`Body.snapshot` arrays)."""
+    return _render_front(view, task, layout, size), _render_wrist(view, task, layout, size)
+
+
+def to_stored(frames: np.ndarray) -> np.ndarray:
+    """Upright frame(s) (..., H, W, 3) -> bottom-row-first, as LIBERO stores them."""
+    return np.ascontiguousarray(frames[..., ::-1, ::-1, :])
+
+
 # ---------------------------------------------------------------------------------------------
 # One demo, one file, the suite
 # ---------------------------------------------------------------------------------------------
 
-def demo_arrays(task: Task, number: int, *, flavour: str = "raw", size: int = 128, seed: int = 0,
-                steps: int | None = None) -> Demo:
-    """Simulate and render demo `number` of `task` (deterministic in seed, task and number)."""
-    rng = np.random.default_rng([seed, task.index, number])
-    layout = _layout(task, rng)
+def demo_episode(task: Task, number: int, *, flavour: str = "raw", seed: int = 0,
+                 steps: int | None = None
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+    """(layout, actions (T, 7), trace of T+1 states) of demo `number` of `task`, unrendered."""
+    layout, rng = scene(task, number, seed)
     n = steps or int(rng.integers(*STEP_RANGE))
     idle = max(2, round(n * rng.uniform(0.08, 0.16))) if flavour == "raw" else 0
     plan = _plan(layout, n - idle, rng)
     actions, trace = _simulate(_order(n - idle, idle, rng), plan, layout, rng)
+    return layout, actions, trace
+
+
+def demo_arrays(task: Task, number: int, *, flavour: str = "raw", size: int = 128, seed: int = 0,
+                steps: int | None = None) -> Demo:
+    """Simulate and render demo `number` of `task` (deterministic in seed, task and number)."""
+    layout, actions, trace = demo_episode(task, number, flavour=flavour, seed=seed, steps=steps)
     # raw release: obs[t] is the state AFTER actions[t]; regenerated: the state before it.
     rows = slice(1, None) if flavour == "raw" else slice(0, -1)
     arrays, init_state = _low_dim(trace, actions, layout, rows)
     view = {k: v[rows] for k, v in trace.items()}
-    arrays["obs/agentview_rgb"] = _render_front(view, task, layout, size)
-    arrays["obs/eye_in_hand_rgb"] = _render_wrist(view, task, layout, size)
+    arrays["obs/agentview_rgb"], arrays["obs/eye_in_hand_rgb"] = render(view, task, layout, size)
     return Demo(arrays=arrays, init_state=init_state)
 
 
@@ -510,8 +553,7 @@ def _write_demo(data: h5py.Group, key: str, demo: Demo, flavour: str) -> None:
     group = data.create_group(key, track_order=True)
     for name, arr in demo.arrays.items():
         if name.endswith("_rgb"):
-            stored = np.ascontiguousarray(arr[:, ::-1, ::-1])  # bottom-row-first, as LIBERO
-            group.create_dataset(name, data=stored, chunks=(1, *arr.shape[1:]),
+            group.create_dataset(name, data=to_stored(arr), chunks=(1, *arr.shape[1:]),
                                  compression="gzip", compression_opts=4, track_times=False)
         else:
             group.create_dataset(name, data=arr, track_times=False)

@@ -14,6 +14,11 @@ Observations hold both cameras exactly as the dataset stores them (for LIBERO-fo
 bottom-row-first, like the HDF5 files; the policy's processor applies the recipe's orientation),
 the model's state vector and the instruction. `done` is true on success or at the step limit.
 This module knows nothing of models or tokens.
+
+Optional, read with getattr by `sim.rollout`: `num_tasks` (default 1; `reset(seed)` then plays
+task `seed % num_tasks`, so N episodes per task are N x num_tasks consecutive seeds) and
+`recorded_actions()` (the (T, D) actions of the recording the episode's start comes from: the
+`replay` baseline).
 """
 
 from __future__ import annotations

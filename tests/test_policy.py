@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -155,9 +156,11 @@ def test_act_both_modes(ckpt):
     cont = policy.act(**inputs, mode="continuous")
     disc = policy.act(**inputs, mode="discrete")
     nocache = policy.act(**inputs, mode="discrete", use_cache=False)
+    greedy = policy.act(**inputs, mode="discrete", constrained=False)
     assert cont.shape == disc.shape == (K, 7)
     assert np.isfinite(cont).all() and np.isfinite(disc).all()
     np.testing.assert_array_equal(disc, nocache)
+    np.testing.assert_array_equal(disc, greedy)      # a well-formed greedy answer is the grammar's
     # the fitted response decodes to the shard's bins, in robot units
     stats = policy.card.stats
     chunk = first_vla(pipe).chunk.astype(np.float64)
@@ -171,9 +174,10 @@ def test_malformed_generation_is_reported(ckpt):
     other = read_shard(pipe["shards"] / "vla-000000.tar.gz", "train")[0]
     prompt = np.asarray(other.tokens[:other.targets[0][0]], np.int64)
     try:
-        policy.discrete_norm(prompt)
+        policy.discrete_norm(prompt, constrained=False)
     except MalformedActions as exc:
         assert exc.problems and len(exc.tokens)
+    assert policy.discrete_norm(prompt).shape == (K, 7)
     bins, problems = parse_action_blocks(np.array([vocab.ACTION_START, 10010, vocab.ACTION_END]),
                                          2, 7)
     assert len(bins) == 0 and any("expected D=7" in p for p in problems)
@@ -233,3 +237,46 @@ def test_attention_rule_rows_match_full_matrix():
     full = attention_rule(ids)
     for start in range(len(ids)):
         np.testing.assert_array_equal(attention_rule(ids, start), full[start:])
+
+
+class ScriptedBackend:
+    """A stand-in network: the logits after position p favour SEP most (always malformed as the
+    first response token), then action bin `1 + (5 p) % 9`, everything else at 0."""
+
+    def run(self, ids, start, rows, cache):
+        return torch.arange(start, start + len(ids), dtype=torch.float32)[None, :, None]
+
+    def logits(self, hidden):
+        p = int(hidden[0])
+        out = torch.zeros(vocab.VOCAB_SIZE)
+        out[vocab.SEP] = 10.0
+        out[vocab.ACTION_BIN_BASE + 1 + (5 * p) % 9] = 5.0
+        out[vocab.ACTION_BIN_BASE + 200] = 7.0             # outside the card's 9 bins
+        return out
+
+    def new_cache(self):
+        return None
+
+
+def scripted_policy(k: int, d: int) -> Policy:
+    card = SimpleNamespace(chunk=k, action_dim=d, num_bins=9)
+    return Policy(SimpleNamespace(card=card), ScriptedBackend())
+
+
+def test_grammar_forces_well_formed_actions():
+    """Greedy decoding would stop at once (SEP); under the grammar the answer is K x D bins, each
+    the best bin of the card's 9 at its position (hand-computed from the stand-in's rule)."""
+    k, d, prompt = 2, 3, np.arange(10, dtype=np.int64)
+    policy = scripted_policy(k, d)
+    with pytest.raises(MalformedActions, match="0 well-formed action blocks, expected K=2"):
+        policy.discrete_norm(prompt, constrained=False)
+    norm = policy.discrete_norm(prompt)
+    # response tokens sit at positions 10..: block 0 bins at 11, 12, 13 (chosen from the logits
+    # after positions 10, 11, 12), block 1 bins at 16, 17, 18 (after 15, 16, 17)
+    bins = np.array([[1 + (5 * p) % 9 for p in (10, 11, 12)], [1 + (5 * p) % 9 for p in (15, 16, 17)]])
+    np.testing.assert_array_equal(bins, [[6, 2, 7], [4, 9, 5]])
+    np.testing.assert_array_equal(policy.last_generation,
+                                  np.concatenate([vocab.action_block(b) for b in bins]))
+    np.testing.assert_allclose(norm, pol.from_bins(bins, 9))
+    tokens, is_bin = pol.response_grammar(k, d)
+    assert len(tokens) == k * (d + 2) + 1 and tokens[-1] == vocab.SEP and is_bin.sum() == k * d

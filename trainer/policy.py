@@ -19,14 +19,20 @@ Modes (SPEC.md 8):
 - "continuous": prompt + ACTION_START, one forward pass, the action head -> K x D normalized,
   un-normalized with the card's action stats (relative-action recipes: the current state is added
   back on the relative dims).
-- "discrete": greedy decoding under the action mask with a KV cache until SEP; the ACTION_START ..
-  ACTION_END blocks are parsed and decoded to bin centres. A malformed generation (wrong block
-  length, a non-bin token inside a block, fewer or more than K blocks, no SEP within the budget)
-  raises `MalformedActions` carrying every problem found; nothing is patched.
+- "discrete": greedy decoding under the action mask with a KV cache; the ACTION_START ..
+  ACTION_END blocks are decoded to bin centres. By default decoding follows the response grammar
+  (`response_grammar`: K blocks of ACTION_START, D bin tokens, ACTION_END, then SEP): every token
+  the grammar does not allow at a position is masked, so the structural tokens are forced and each
+  bin position takes the best of the card's bins; the result is always K x D.
+  `constrained=False` is plain greedy decoding until SEP, as the published decoder does: a
+  malformed generation (wrong block length, a non-bin token inside a block, fewer or more than K
+  blocks, no SEP within the budget) raises `MalformedActions` carrying every problem found;
+  nothing is patched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +149,13 @@ def check_state(card: Card, state: Any) -> np.ndarray:
     return arr
 
 
+def frame_key(image: np.ndarray) -> bytes:
+    """A content key of one frame (shape and bytes)."""
+    arr = np.ascontiguousarray(image)
+    return hashlib.blake2b(arr.tobytes(), digest_size=16,
+                           person=str(arr.shape).encode()[:16]).digest()
+
+
 def to_robot_units(card: Card, norm: np.ndarray, state: np.ndarray) -> np.ndarray:
     """Normalized (K, D) actions -> robot units; relative dims get the current state added."""
     out = unnormalize(norm, card.stats.action.min, card.stats.action.max)
@@ -206,6 +219,25 @@ def _block_problems(body: np.ndarray, index: int, d: int, closed: bool) -> list[
     return out
 
 
+def response_grammar(k: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed shape of a discrete response: (tokens, is_bin), K (D + 2) + 1 positions.
+
+    `tokens` holds the one token the grammar allows at each structural position (ACTION_START,
+    ACTION_END, the closing SEP) and 0 at the K x D bin positions, where `is_bin` is true.
+    """
+    block = np.array([vocab.ACTION_START, *[0] * d, vocab.ACTION_END], np.int64)
+    tokens = np.append(np.tile(block, k), vocab.SEP)
+    is_bin = np.append(np.tile([False, *[True] * d, False], k), False)
+    return tokens, is_bin
+
+
+def allowed_bins(num_bins: int) -> torch.Tensor:
+    """Bool (V,) mask of the action-bin tokens of bins 1..num_bins."""
+    mask = torch.zeros(vocab.VOCAB_SIZE, dtype=torch.bool)
+    mask[vocab.ACTION_BIN_BASE + 1:vocab.ACTION_BIN_BASE + num_bins + 1] = True
+    return mask
+
+
 def bins_to_norm(bins: np.ndarray, num_bins: int) -> np.ndarray:
     """Bin ids (1..num_bins) -> normalized bin centres."""
     return from_bins(bins, num_bins)
@@ -215,19 +247,48 @@ def bins_to_norm(bins: np.ndarray, num_bins: int) -> np.ndarray:
 # The processor: card + tokenizer + VQ encoder.
 # ---------------------------------------------------------------------------------------------
 
+CODE_CACHE = 8                       # frames whose codes a Processor keeps (4 per call at M=2)
+
+
 @dataclass
 class Processor:
-    """Raw robot inputs -> the exact prompt tokens the shards hold for the same frames."""
+    """Raw robot inputs -> the exact prompt tokens the shards hold for the same frames.
+
+    The codes of the last `cache_frames` frames are kept, keyed by the frame's bytes: in a closed
+    loop the history frames of a call were the current frames of an earlier one, and are not
+    encoded again (0 turns the cache off: every call encodes every frame).
+    """
 
     card: Card
     tokenizer: Any                   # shards.tokenizer.TextTokenizer
     vq: Any                          # stages.vq.VQHandle
     precision: str = "fp32"
+    cache_frames: int = CODE_CACHE
+    encoded: int = 0                 # frames run through the VQ encoder so far
+    _codes: dict[bytes, np.ndarray] = field(default_factory=dict, repr=False)
 
     def image_codes(self, images: list[np.ndarray]) -> np.ndarray:
-        """Raw frames -> codebook indices (n, h, w), oriented, resized and encoded as training."""
+        """Raw frames -> codebook indices (n, h, w), oriented, resized and encoded as training;
+        frames seen recently come from the cache, the others are encoded in one batch."""
+        keys = [frame_key(img) for img in images]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._codes))
+        if missing:
+            fresh = self._encode([images[keys.index(k)] for k in missing])
+            self._codes.update(zip(missing, fresh))
+        out = np.stack([self._codes[k] for k in keys])
+        for key in list(self._codes)[:max(0, len(self._codes) - self.cache_frames)]:
+            del self._codes[key]                          # oldest first (insertion order)
+        return out
+
+    def clear_codes(self) -> None:
+        """Forget every cached frame code (the counter `encoded` starts again at 0)."""
+        self._codes.clear()
+        self.encoded = 0
+
+    def _encode(self, images: list[np.ndarray]) -> np.ndarray:
         from stages.vq import encode, preprocess
         frames = np.stack([orient(img, self.card.orientation) for img in images])
+        self.encoded += len(images)
         return encode(self.vq, preprocess(frames, self.card.resolution),
                       precision=self.precision).numpy()
 
@@ -383,14 +444,16 @@ class Policy:
     # -- acting
 
     def act(self, instruction: str, state, front, wrist, prev_front=None, prev_wrist=None,
-            mode: str = "continuous", *, use_cache: bool = True) -> np.ndarray:
-        """The next K actions (K, D) in robot units."""
+            mode: str = "continuous", *, use_cache: bool = True,
+            constrained: bool = True) -> np.ndarray:
+        """The next K actions (K, D) in robot units (`constrained`: discrete decoding under the
+        response grammar; False: plain greedy, MalformedActions when malformed)."""
         if mode not in MODES:
             raise PolicyError(f"mode must be one of {MODES}, got {mode!r}")
         state = check_state(self.card, state)
         prompt = self.prompt_tokens(instruction, state, front, wrist, prev_front, prev_wrist)
         norm = (self.continuous_norm(prompt) if mode == "continuous"
-                else self.discrete_norm(prompt, use_cache=use_cache))
+                else self.discrete_norm(prompt, use_cache=use_cache, constrained=constrained))
         return to_robot_units(self.card, norm, state)
 
     def continuous_norm(self, prompt: np.ndarray) -> np.ndarray:
@@ -414,8 +477,29 @@ class Policy:
                 return np.asarray(stepper.ids[len(prompt):-1], np.int64), True
         return np.asarray(stepper.ids[len(prompt):], np.int64), False
 
-    def discrete_norm(self, prompt: np.ndarray, *, use_cache: bool = True) -> np.ndarray:
-        """Greedy action blocks -> bin centres (K, D) normalized; MalformedActions if malformed."""
+    def generate_constrained(self, prompt: np.ndarray, *, use_cache: bool = True) -> np.ndarray:
+        """Greedy response tokens under `response_grammar` (SEP excluded): structural tokens are
+        the only ones allowed at their positions, so they are appended without a forward pass;
+        each bin position takes the argmax over the card's bins."""
+        template, is_bin = response_grammar(self.card.chunk, self.card.action_dim)
+        stepper = Stepper(self.backend, prompt, use_cache=use_cache)
+        allowed = allowed_bins(self.card.num_bins)
+        for token, free in zip(template[:-1].tolist(), is_bin[:-1].tolist()):
+            if free:
+                stepper.greedy(allowed)
+            else:
+                stepper.append(token)
+        return np.asarray(stepper.ids[len(prompt):], np.int64)
+
+    def discrete_norm(self, prompt: np.ndarray, *, use_cache: bool = True,
+                      constrained: bool = True) -> np.ndarray:
+        """Action blocks -> bin centres (K, D) normalized. Constrained: always well formed;
+        unconstrained: MalformedActions if malformed."""
+        if constrained:
+            tokens = self.generate_constrained(prompt, use_cache=use_cache)
+            self.last_generation = tokens
+            bins, _ = parse_action_blocks(tokens, self.card.chunk, self.card.action_dim)
+            return bins_to_norm(bins, self.card.num_bins)
         tokens, ended = self.generate_actions(prompt, use_cache=use_cache)
         self.last_generation = tokens
         bins, problems = parse_action_blocks(tokens, self.card.chunk, self.card.action_dim)
@@ -498,16 +582,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_card(step_dir: Path) -> Card:
     """Parse `processor.json` into a Card (missing fields are named in the error)."""
     from pipeline.io import read_json
-    doc = read_json(step_dir / CARD_FILE)
+    return card_from_dict(read_json(step_dir / CARD_FILE), str(step_dir / CARD_FILE))
+
+
+def card_from_dict(doc: dict[str, Any], where: str) -> Card:
+    """A processor card document (`trainer.checkpoint.processor_card`) -> Card."""
     try:
-        stats = Stats.from_dict(doc["stats"], where=str(step_dir / CARD_FILE))
+        stats = Stats.from_dict(doc["stats"], where=where)
         return Card(resolution=int(doc["resolution"]), orientation=str(doc["orientation"]),
                     chunk=int(doc["K"]), action_dim=int(doc["D"]),
                     state_dim=int(doc.get("state_dim", stats.state.dim)),
                     history=int(doc["M"]), stats=stats, tokenizer=dict(doc["tokenizer"]),
                     vq=dict(doc["vq"]), recipe=str(doc.get("recipe", "")), raw=doc)
     except KeyError as exc:
-        raise PolicyError(f"{step_dir / CARD_FILE}: missing field {exc}") from exc
+        raise PolicyError(f"{where}: missing field {exc}") from exc
 
 
 def load_model(step_dir: Path, device: torch.device) -> torch.nn.Module:
