@@ -23,7 +23,7 @@ import numpy as np
 
 from shards import vocab
 from shards.reader import ShardReader
-from tests.shard_factory import sample_members, write_shard_set
+from bench.shard_factory import sample_members, write_shard_set
 
 GOAL_SPEEDUP, GOAL_BYTES_PER_TOKEN = 2.0, 2.5
 SAMPLES_PER_SHARD = 500

@@ -25,7 +25,7 @@ import torch
 
 from sim.env import make_env
 from sim.rollout import ExpertAgent, PolicyAgent, run_episode
-from stages.bins import NUM_BINS, FieldStats, Stats
+from shards.bins import NUM_BINS, FieldStats, Stats
 from trainer.config import PRESETS
 from trainer.model import RynnModel
 from trainer.policy import Backend, Card, Policy, Processor
@@ -41,7 +41,7 @@ def field_stats(dim: int) -> FieldStats:
 def demo_policy(preset: str) -> Policy:
     """A demo-recipe-shaped policy without shards: a hand-made card, random weights."""
     from shards.tokenizer import fallback_tokenizer
-    from stages.vq import load_vq
+    from shards.vq import load_vq
     stats = Stats(state=field_stats(STATE_DIM), action=field_stats(D), num_bins=NUM_BINS)
     card = Card(resolution=RES, orientation="rot180", chunk=K, action_dim=D, state_dim=STATE_DIM,
                 history=2, stats=stats, tokenizer={}, vq={}, recipe="demo")

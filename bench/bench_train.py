@@ -24,7 +24,7 @@ from trainer.train import build_optimizer, train_step
 
 
 def demo_shards(root: Path) -> Path:
-    from pipeline.demo_data import write_demo_suite
+    from sim.demo_data import write_demo_suite
     from pipeline.workflow import resolve_config, tokenize
     write_demo_suite(root / "raw", tasks=2, demos=3, seed=1)
     tokenize(resolve_config("demo"), root / "raw", root / "out", quiet=True)

@@ -1,6 +1,6 @@
 """Bench `vq`: pretokenize end to end vs the bare encoder vs the published batch-1 re-encode loop.
 
-All three run in one process on the same frames: the demo suite (`pipeline.demo_data`) through the
+All three run in one process on the same frames: the demo suite (`sim.demo_data`) through the
 real `filter` stage when that module exists, else synthetic 128x128 episodes. The VQ-GAN is the
 small random arch unless `--arch full`.
 
@@ -30,7 +30,8 @@ from pipeline.config import RunConfig, demo
 from pipeline.episode import VIEWS, Episode, EpisodeRef
 from pipeline.io import write_json, write_npz
 from pipeline.runner import Runner
-from stages import pretokenize, vq
+from shards import vq
+from stages import pretokenize
 
 SYNTH_HW = 128
 HISTORY = 2
@@ -68,18 +69,18 @@ def prepare(cfg: RunConfig, work: Path, args) -> tuple[Path, Path]:
     raw = work / "raw"
     raw.mkdir()
     if args.source == "auto":
-        args.source = "demo" if importlib.util.find_spec("pipeline.demo_data") else "synthetic"
+        args.source = "demo" if importlib.util.find_spec("sim.demo_data") else "synthetic"
     if args.source == "synthetic":
         pretokenize.LOADER = f"{__name__}:synthetic_load"
         print(f"frames: synthetic ({args.episodes} episodes x {args.frames} frames, "
               f"{SYNTH_HW}x{SYNTH_HW})")
         return raw, synthetic_filter(work / "filter", args.episodes, args.frames)
-    from pipeline.demo_data import write_demo_suite
+    from sim.demo_data import write_demo_suite
     from stages import filter as filter_stage
     steps = max(24, args.frames)  # the demo suite records at least 24 steps per demo
     write_demo_suite(raw, tasks=1, demos=args.episodes, steps=steps)
     done = Runner(cfg, [filter_stage.STAGE], raw=raw, cache=work / "cache", quiet=True).run()
-    print(f"frames: the demo suite (pipeline.demo_data, 1 task x {args.episodes} demos x "
+    print(f"frames: the demo suite (sim.demo_data, 1 task x {args.episodes} demos x "
           f"{steps} steps) through the filter stage")
     return raw, done["filter"]
 
@@ -148,7 +149,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench_vq", description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=["small", "full"], default="small")
     p.add_argument("--source", choices=["auto", "demo", "synthetic"], default="auto",
-                   help="auto: the demo suite when pipeline.demo_data exists, else synthetic")
+                   help="auto: the demo suite when sim.demo_data exists, else synthetic")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--episodes", type=int, default=3)

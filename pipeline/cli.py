@@ -73,7 +73,7 @@ def demo_data_cmd(out: Path = typer.Argument(..., help="Directory to write the s
                   demos: int = typer.Option(4, help="Demos per task."),
                   seed: int = typer.Option(0, help="Random seed (output is deterministic).")) -> None:
     """Write a synthetic suite in the exact LIBERO HDF5 format."""
-    from pipeline.demo_data import write_demo_suite
+    from sim.demo_data import write_demo_suite
     files = write_demo_suite(out, flavour=flavour, size=size, tasks=tasks, demos=demos, seed=seed)
     console.print(f"wrote {len(files)} task files to {out}")
 
@@ -84,7 +84,7 @@ def demo_obs_cmd(raw: Path = typer.Argument(..., help="A demo suite (rynn-pipe d
                  out: Path = typer.Argument(..., help="Directory for the observation files."),
                  step: int = typer.Option(5, help="Step of the first demo to export.")) -> None:
     """Export one raw observation (frames, state, instruction) for trying `rynn-pipe act`."""
-    from pipeline.demo_data import export_observation
+    from sim.demo_data import export_observation
     paths = export_observation(raw, out, step=step)
     console.print(f"wrote {', '.join(p.name for p in paths.values())} to {out}")
 

@@ -38,7 +38,7 @@ from pipeline import __version__
 from pipeline.config import ConfigView, RunConfig, digest, select
 from pipeline.errors import StageError
 from pipeline.group import Group
-from pipeline.io import file_entry, read_json, sha256_bytes, write_json
+from pipeline.io import file_entry, read_json, write_json
 from pipeline.progress import Progress, console
 
 MANIFEST = "stage.json"  # the runner's record of a stage run; written last

@@ -36,7 +36,7 @@ from pipeline.actions import is_static_chunk, relative_chunk
 from pipeline.config import ConvConfig
 from pipeline.errors import DataError
 from shards import vocab
-from stages.bins import Stats, normalize, to_bins
+from shards.bins import Stats, normalize, to_bins
 
 VLA, WM = "vla", "wm"
 KINDS = (VLA, WM)

@@ -1,7 +1,7 @@
 """Render one shard sample to a PNG a person can read: decoded images of every view, the
 instruction, the state and the action chunk as plots, and the token sequence as coloured segments.
 
-Images are decoded with the VQ-GAN decoder (`stages.vq_decoder`): the weights at `vq_path`, or,
+Images are decoded with the VQ-GAN decoder (`shards.vq_decoder`): the weights at `vq_path`, or,
 when none are given and the shards were made with a seeded random VQ-GAN, that same random model
 (the figure then says the pictures come from an UNTRAINED decoder). Without a usable decoder the
 code grids are drawn as colour maps instead.
@@ -25,7 +25,7 @@ from shards import vocab
 from shards.format import MANIFEST, parse_members
 from shards.tokenizer import TextTokenizer, fallback_tokenizer, load_text_tokenizer
 from shards.verify import Layout, read_samples, segments, shard_bytes
-from stages.bins import from_bins
+from shards.bins import from_bins
 
 COLOURS = {"bos": "#444444", "text": "#4e79a7", "state": "#59a14f", "image": "#f28e2b",
            "action": "#e15759", "sep": "#111111"}
@@ -66,7 +66,7 @@ def manifest_tokenizer(manifest: dict[str, Any]) -> TextTokenizer | None:
 
 def load_decoder(manifest: dict[str, Any], vq_path: str | None) -> tuple[Any, str]:
     """(VQ handle or None, a note for the figure)."""
-    from stages.vq import load_vq
+    from shards.vq import load_vq
     vq = manifest.get("vq", {})
     if vq_path is None:
         m = re.fullmatch(r"random-(\w+)-seed(\d+)", str(vq.get("source")))
@@ -96,7 +96,7 @@ def image_codes(tokens: np.ndarray, segs: list, tok: TextTokenizer | None, side:
 def decode_images(grids: list[np.ndarray], handle, mapped: bool) -> list[np.ndarray] | None:
     if handle is None or not mapped or not grids:
         return None
-    from stages.vq_decoder import DecoderError, decode
+    from shards.vq_decoder import DecoderError, decode
     try:
         return list(decode(handle, np.stack(grids)))
     except DecoderError:

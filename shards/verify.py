@@ -30,7 +30,7 @@ from shards import vocab
 from shards.conversation import VLA
 from shards.format import CHUNK, MANIFEST, META, SCHEMA, TOKENS, parse_members
 from shards.tokenizer import special_mask
-from stages.bins import from_bins
+from shards.bins import from_bins
 
 MAX_PER_SHARD = 20   # problems reported per shard before summarizing
 

@@ -1,6 +1,6 @@
 """`demo`: the built-in procedural pick-and-place task as a closed-loop environment.
 
-It steps the very simulation and renderer that write the demo suite (`pipeline.demo_data`:
+It steps the very simulation and renderer that write the demo suite (`sim.demo_data`:
 `scene`, `physics_step`, `render`, `to_stored`, `ee_observation`, `block_on_plate`), so the env
 and the data cannot drift apart: stepping it with a recorded demo's actions reproduces the
 demo's frames exactly.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import demo_data as dd
+from sim import demo_data as dd
 from sim.env import EnvError, Observation, Step, register
 
 DEFAULT_MAX_STEPS = 100       # the suite's demos take 40-60 steps; the expert about 30

@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -49,6 +48,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.config import ConfigError
+from pipeline.media import write_video
 from sim.env import Env, EnvError, Observation, make_env
 
 BASELINES = ("expert", "replay", "mean")
@@ -272,7 +272,7 @@ def _worker_run(seed: int, record: bool) -> Episode:
     episode = run_episode(_WORKER["env"], _WORKER["agent"], seed, record=record,
                           execute=cfg.execute)
     if record:
-        write_video(cfg.out / "videos" / f"seed-{seed:06d}.mp4", episode.frames)
+        write_video(cfg.out / "videos" / f"seed-{seed:06d}.mp4", episode.frames, FPS)
         episode.frames = sheet_frames(episode.frames)
     return episode
 
@@ -366,17 +366,6 @@ def print_table(summary: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Videos and the contact sheet.
 # ---------------------------------------------------------------------------------------------
-
-def write_video(path: Path, frames: list[np.ndarray]) -> None:
-    """An H.264 mp4 of the frames, published atomically."""
-    from pipeline.lerobot_fixtures import write_video as encode
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        encode(tmp, frames, FPS, "h264")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def sheet_frames(frames: list[np.ndarray]) -> list[np.ndarray]:
     """SHEET_COLUMNS frames evenly spaced over the episode, the first and last included."""

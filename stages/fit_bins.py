@@ -8,7 +8,7 @@ tokenized. With `bins.preset` set, min/max come from the named published preset 
 stats still come from the data. Writes `stats.json` with provenance.
 
     rynn-pipe tokenize --raw demos --until fit-bins
-    from stages.bins import Stats; stats = Stats.load(<fit-bins dir> / "stats.json")
+    from shards.bins import Stats; stats = Stats.load(<fit-bins dir> / "stats.json")
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pipeline.errors import DataError, StageError
 from pipeline.io import load_npz, read_json
 from pipeline.runner import Context, Result, Stage
 from pipeline.splits import TRAIN, assign_splits
-from stages.bins import Accumulator, FieldStats, Stats, preset
+from shards.bins import Accumulator, FieldStats, Stats, preset
 
 STATS = "stats.json"
 

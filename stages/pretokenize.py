@@ -97,7 +97,7 @@ def vq_digest(image: ImageConfig) -> str:
     """The VQ weight digest for a config (memoized per process on the files' size and mtime)."""
     key = _vq_key(image)
     if key not in _VQ_DIGESTS:
-        from stages.vq import load_vq
+        from shards.vq import load_vq
         _VQ_DIGESTS[key] = load_vq(image.vq_path, random_arch=image.vq_random_arch,
                                    seed=image.vq_seed, device="cpu").digest
     return _VQ_DIGESTS[key]
@@ -166,7 +166,7 @@ class Batch:
 
 def episode_batches(episode: Episode, job: Job, resolution: int, batch_size: int) -> Iterator[Batch]:
     """Fixed per-episode batches (never crossing episodes: results independent of the split)."""
-    from stages.vq import preprocess
+    from shards.vq import preprocess
     frames = episode_frames(episode, job)
     starts = range(0, len(frames), batch_size)
     for i, start in enumerate(starts):
@@ -274,7 +274,7 @@ def encode_plan(handle, plan: Plan, on_batch: Callable[[int], None] = lambda n: 
 
 def _encode_loop(handle, plan: Plan, batches: queue.Queue, writes: queue.Queue,
                  errors: list[BaseException], on_batch: Callable[[int], None]) -> Timing:
-    from stages.vq import encode
+    from shards.vq import encode
     timing = Timing()
     while True:
         t0 = time.perf_counter()
@@ -310,7 +310,7 @@ def _init_worker(progress_queue, threads: int) -> None:
 
 
 def _worker(plan: Plan, device: str) -> Timing:
-    from stages.vq import load_vq
+    from shards.vq import load_vq
     image = plan.cfg.image
     handle = load_vq(image.vq_path, random_arch=image.vq_random_arch, seed=image.vq_seed,
                      device=device)
@@ -324,7 +324,7 @@ def split(jobs: Sequence[Job], parts: int) -> list[list[Job]]:
 
 def worker_devices(device: str, n: int) -> list[str]:
     import torch
-    from stages.vq import resolve_device
+    from shards.vq import resolve_device
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
         return [f"cuda:{i % torch.cuda.device_count()}" for i in range(n)]
@@ -369,7 +369,7 @@ def _drain(progress, bar) -> None:
 
 def store_doc(cfg: ConfigView, handle, jobs: list[Job], fmt: str) -> dict[str, Any]:
     """store.json: identical for any worker count or interruption (no timings, no paths)."""
-    from stages.vq import PREPROCESSING
+    from shards.vq import PREPROCESSING
     side = grid_side(cfg.image.resolution, handle)
     pairs = sum(j.images for j in jobs)
     return {"schema": SCHEMA, "format": fmt, "views": list(VIEWS), "dtype": "uint16",
@@ -388,7 +388,7 @@ def run(ctx: Context) -> Result:
     """Encode the episodes not yet in `ctx.out`. Under torchrun every rank runs this on its
     share of the episodes (`jobs[rank::world]`, fixed whatever is already done) and rank 0,
     once all ranks are through, checks every episode is there and writes `store.json`."""
-    from stages.vq import load_vq
+    from shards.vq import load_vq
     cfg, image, group = ctx.cfg, ctx.cfg.image, ctx.group
     jobs = read_jobs(ctx.inputs["filter"])
     image = image.replace(device=rank_device(image.device, group.world))
@@ -469,7 +469,7 @@ def read_codes(store_dir: Path, episode_id: str) -> np.ndarray:
 def decode_store_episode(store_dir: str | Path, episode_id: str, frames: Sequence[int] | None,
                          handle) -> np.ndarray:
     """uint8 (len(frames), 2, H, W, 3): stored codes of an episode decoded (all frames if None)."""
-    from stages.vq_decoder import decode
+    from shards.vq_decoder import decode
     store = read_json(Path(store_dir) / STORE)
     if store["vq"]["digest"] != handle.digest:
         raise DataError(f"the store was encoded with VQ weights {store['vq']['digest'][:12]} but "
@@ -486,8 +486,8 @@ def decode_to_png(store_dir: str | Path, episode_id: str, out_dir: str | Path, *
                   vq_random_arch: str = "full", vq_seed: int = 0,
                   device: str = "auto") -> list[Path]:
     """Write `<episode>_<frame>_<view>.png` for stored frames; the library side of `rynn-pipe decode`."""
-    from stages.vq import load_vq
-    from stages.vq_decoder import png_bytes
+    from shards.vq import load_vq
+    from pipeline.media import png_bytes
     handle = load_vq(vq_path, random_arch=vq_random_arch, seed=vq_seed, device=device)
     images = decode_store_episode(store_dir, episode_id, frames, handle)
     indices = range(len(images)) if frames is None else list(frames)

@@ -30,7 +30,7 @@ from shards.conversation import KINDS, VLA, WM, Codec, episode_samples, episode_
 from shards.format import MANIFEST, SCHEMA, STATS, vocab_facts
 from shards.tokenizer import TextTokenizer, load_text_tokenizer
 from shards.writer import ShardSetWriter, totals
-from stages.bins import Stats
+from shards.bins import Stats
 
 FIELDS = ("conv.*", "split.*", "shard.*", "bins.num_bins", "recipe")
 DEPS = ("filter", "fit-bins", "pretokenize")

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: small synthetic LIBERO suites (pipeline.demo_data), written once per run.
+"""Shared pytest fixtures: small synthetic LIBERO suites (sim.demo_data), written once per run.
 
     def test_something(demo_suite, demo_suite_regen): ...   # directories of *_demo.hdf5 files
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo_data import write_demo_suite
+from sim.demo_data import write_demo_suite
 
 SUITE = {"size": 128, "tasks": 2, "demos": 3, "seed": 0}
 

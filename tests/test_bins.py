@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DataError, StageError
-from stages.bins import (Accumulator, FieldStats, Stats, decode, edges, encode, fit, from_bins,
+from shards.bins import (Accumulator, FieldStats, Stats, decode, edges, encode, fit, from_bins,
                          normalize, preset, to_bins, unnormalize)
 
 

@@ -1,4 +1,4 @@
-"""The synthetic LIBERO suite (pipeline/demo_data.py), read back with plain h5py.
+"""The synthetic LIBERO suite (sim/demo_data.py), read back with plain h5py.
 
     OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_demo_data.py -q
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.demo_data import MAX_STEP, WALL, demo_arrays, task_list, write_demo_suite
+from sim.demo_data import MAX_STEP, WALL, demo_arrays, task_list, write_demo_suite
 from pipeline.io import sha256_file
 
 RAW_ATTRS = {"bddl_file_name", "env_args", "env_name", "macros_image_convention", "num_demos",

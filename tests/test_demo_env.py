@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import SUITE
-from pipeline.demo_data import task_list
+from sim.demo_data import task_list
 from sim.demo_env import DemoEnv
 from sim.env import Env, EnvError, make_env
 

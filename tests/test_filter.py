@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from pipeline.config import base
-from pipeline.demo_data import write_demo_suite
+from sim.demo_data import write_demo_suite
 from pipeline.episode import Episode, EpisodeRef
 from pipeline.errors import DataError, StageError
 from pipeline.io import load_npz, read_json
 from pipeline.runner import MANIFEST, Runner
 from stages import filter as filt
 from stages import fit_bins, source
-from stages.bins import Stats
+from shards.bins import Stats
 from stages.filter import noop_keep_mask, pair_steps
 from stages.libero import load
 

@@ -14,8 +14,8 @@ from pipeline.errors import DataError, StageError
 from pipeline.io import write_json, write_npz
 from pipeline.splits import assign_splits, held_out_count
 from stages import fit_bins
-from stages.bins import Stats
-from stages.presets import LIBERO_STATE_MAX, LIBERO_VLA_ACTION_MIN
+from shards.bins import Stats
+from shards.presets import LIBERO_STATE_MAX, LIBERO_VLA_ACTION_MIN
 
 # ---------------------------------------------------------------------------------------------
 # splits

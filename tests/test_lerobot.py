@@ -19,7 +19,7 @@ import pytest
 from pipeline.actions import is_static_chunk, relative_chunk
 from pipeline.config import SourceConfig
 from pipeline.errors import DataError
-from pipeline.lerobot_fixtures import (TASKS, episode_lengths, read_frame_index, trajectory,
+from lerobot_fixtures import (TASKS, episode_lengths, read_frame_index, trajectory,
                                        write_lerobot_dataset, write_video)
 from stages import lerobot, source
 

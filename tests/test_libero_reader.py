@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import SourceConfig
-from pipeline.demo_data import demo_arrays, task_list, write_demo_suite
+from sim.demo_data import demo_arrays, task_list, write_demo_suite
 from pipeline.episode import EpisodeRef
 from pipeline.errors import DataError
 from stages import libero, source

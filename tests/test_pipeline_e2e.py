@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.demo_data import write_demo_suite
+from sim.demo_data import write_demo_suite
 from pipeline.runner import MANIFEST
 from pipeline.workflow import plan, resolve_config, tokenize
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.demo_data import write_demo_suite
-from pipeline.io import load_npz, read_json, write_json
+from sim.demo_data import write_demo_suite
+from pipeline.io import load_npz, read_json
 from pipeline.workflow import resolve_config, tokenize
 from shards import vocab
 from shards.reader import read_shard

@@ -20,7 +20,8 @@ from pipeline.episode import VIEWS, Episode, EpisodeRef
 from pipeline.errors import DataError
 from pipeline.io import read_json, write_json, write_npz
 from pipeline.runner import Context, Result, Runner, Stage
-from stages import pretokenize, vq
+from shards import vq
+from stages import pretokenize
 
 RAW_HW = 40  # != resolution: exercises the resize
 EPISODES = {"demo_0": (7, [0, 1, 2, 4, 5]), "demo_1": (5, [1, 2, 3, 4]), "demo_2": (4, [0, 3])}

@@ -147,7 +147,7 @@ def test_malformed_generation_ends_the_episode_not_the_rollout():
 def test_cli_rollout_and_discrete_act(ckpt, tmp_path):
     from typer.testing import CliRunner
     from pipeline.cli import app
-    from pipeline.demo_data import export_observation
+    from sim.demo_data import export_observation
     run, pipe = ckpt
     result = CliRunner().invoke(app, ["rollout", "--env", "demo", "--policy", "expert",
                                       "--episodes", "1", "--seed", "1000", "--out",

@@ -21,7 +21,7 @@ from pipeline.config import base
 from pipeline.errors import DataError
 from pipeline.io import write_json, write_npy, write_npz
 from shards.verify import verify
-from stages.bins import FieldStats, Stats
+from shards.bins import FieldStats, Stats
 from stages.shards_stage import STAGE, build_shards
 from fixtures_tokenizer import write_tokenizer
 

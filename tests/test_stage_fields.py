@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import RECIPES, ConfigView, UndeclaredField, apply_overrides, base, recipe
-from pipeline.demo_data import write_demo_suite
-from pipeline.lerobot_fixtures import write_lerobot_dataset
+from sim.demo_data import write_demo_suite
+from lerobot_fixtures import write_lerobot_dataset
 from pipeline.runner import Result, Runner, Stage
 from pipeline.workflow import make_runner
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from stages import vq
-from stages.vq_decoder import DecoderError, decode
+from shards import vq, vq_arch
+from shards.vq_decoder import DecoderError, decode
 
 # Narrow but structurally complete: 5 levels (16x downsampling), the real codebook size.
-TINY = {**vq.SMALL_ARCH, "ch_mult": [1, 1, 1, 1, 2], "z_channels": 64, "embed_dim": 64}
+TINY = {**vq_arch.SMALL_ARCH, "ch_mult": [1, 1, 1, 1, 2], "z_channels": 64, "embed_dim": 64}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_original_format_round_trip(handle, batch, original_dir):
 def test_original_yaml_fields(original_dir):
     params = yaml.safe_load((original_dir / vq.ORIGINAL_YAML).read_text())["model"]["params"]
     assert params["n_embed"] == 8192 and params["embed_dim"] == 64
-    assert set(params["ddconfig"]) == set(vq.DDCONFIG_KEYS)
+    assert set(params["ddconfig"]) == set(vq_arch.DDCONFIG_KEYS)
     state = torch.load(original_dir / vq.ORIGINAL_CKPT, weights_only=True)["state_dict"]
     non_decoder = [k for k in state if not k.startswith("decoder.")]
     assert len(non_decoder) == len(handle_keys(TINY))
@@ -63,7 +63,7 @@ def handle_keys(arch):
 
 def test_full_arch_has_129_vq_keys():
     with torch.device("meta"):
-        assert len(vq.build_model(vq.FULL_ARCH).state_dict()) == 129
+        assert len(vq.build_model(vq_arch.FULL_ARCH).state_dict()) == 129
 
 
 def test_hf_format_round_trip(handle, batch, tmp_path):
@@ -151,7 +151,7 @@ BROKEN = {
 def test_broken_original_checkpoint(case, original_dir, tmp_path):
     edit_state, edit_yaml, message = BROKEN[case]
     path = _rewrite(original_dir, tmp_path / case, edit_state, edit_yaml)
-    with pytest.raises(vq.CheckpointError, match=message):
+    with pytest.raises(vq_arch.CheckpointError, match=message):
         vq.load_vq(str(path), device="cpu")
 
 
@@ -165,19 +165,19 @@ def test_non_torch_and_missing_files(original_dir, tmp_path):
     bad.mkdir()
     (bad / vq.ORIGINAL_YAML).write_text((original_dir / vq.ORIGINAL_YAML).read_text())
     (bad / vq.ORIGINAL_CKPT).write_text("this is not a checkpoint")
-    with pytest.raises(vq.CheckpointError, match="not a torch checkpoint"):
+    with pytest.raises(vq_arch.CheckpointError, match="not a torch checkpoint"):
         vq.load_vq(str(bad), device="cpu")
     torch.save({"weights": {}}, bad / vq.ORIGINAL_CKPT)
-    with pytest.raises(vq.CheckpointError, match="no 'state_dict'"):
+    with pytest.raises(vq_arch.CheckpointError, match="no 'state_dict'"):
         vq.load_vq(str(bad), device="cpu")
-    with pytest.raises(vq.CheckpointError, match="does not exist"):
+    with pytest.raises(vq_arch.CheckpointError, match="does not exist"):
         vq.load_vq(str(tmp_path / "nowhere"), device="cpu")
 
 
 def test_hf_checkpoint_without_vq(handle, tmp_path):
     vq.save_hf_format(handle, tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(vq.CheckpointError, match="does not include the VQ model"):
+    with pytest.raises(vq_arch.CheckpointError, match="does not include the VQ model"):
         vq.load_vq(str(tmp_path), device="cpu")
 
 

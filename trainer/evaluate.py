@@ -43,7 +43,7 @@ import torch
 from pipeline.errors import RynnError
 from pipeline.io import read_json, write_bytes, write_json
 from shards import vocab
-from stages.bins import Stats, unnormalize
+from shards.bins import Stats, unnormalize
 from trainer import metrics
 from trainer.policy import MalformedActions, Policy
 from trainer.world_model import (decode_codes, generate_frames, image_blocks_in, block_codes,
@@ -282,7 +282,7 @@ def plot_wm(tally: WmTally, path: Path) -> None:
 
 def write_examples(tally: WmTally, path: Path) -> None:
     """Columns: examples; rows: pred front, reference front, pred wrist, reference wrist."""
-    from stages.vq_decoder import png_bytes
+    from pipeline.media import png_bytes
     pred = np.stack([e[0] for e in tally.examples])
     truth = np.stack([e[1] for e in tally.examples])
     write_bytes(path, png_bytes(strip_image(pred, truth)))

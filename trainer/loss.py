@@ -50,7 +50,7 @@ def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def quantized_target(labels: torch.Tensor, chunk: int, action_dim: int,
                      num_bins: int = vocab.NUM_BINS) -> torch.Tensor:
     """The published L1 target: bin centres decoded from the action-bin labels (B, K, D)."""
-    from stages.bins import from_bins
+    from shards.bins import from_bins
     rows = []
     for row in labels:
         ids = row[vocab.is_action_bin(row.cpu().numpy())]

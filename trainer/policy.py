@@ -9,8 +9,8 @@
 Preprocessing is the training pipeline's, read from the card (never re-specified here):
 images are RGB uint8 (H, W, 3) exactly as the camera / simulator gives them; the card's
 orientation ("rot180": `img[::-1, ::-1]`, as the LIBERO reader does) is applied, then
-`stages.vq.preprocess` (PIL bicubic resize to the card's resolution, x/255*2-1) and
-`stages.vq.encode`; the state (the model state vector, 8-d LIBERO: ee_pos ++ ee_ori axis-angle ++
+`shards.vq.preprocess` (PIL bicubic resize to the card's resolution, x/255*2-1) and
+`shards.vq.encode`; the state (the model state vector, 8-d LIBERO: ee_pos ++ ee_ori axis-angle ++
 gripper_states) is binned with the card's stats; the prompt is built with the same builders as the
 shards (`shards.conversation`): BOS + "What action should the robot take to <instruction>?" +
 state block + image blocks [prev_front, prev_wrist,] front, wrist + SEP.
@@ -44,7 +44,7 @@ import torch
 from pipeline.errors import RynnError
 from shards import vocab
 from shards.conversation import Codec, assemble, image_blocks, vla_prompt_text
-from stages.bins import Stats, from_bins, unnormalize
+from shards.bins import Stats, from_bins, unnormalize
 from trainer.mask import may_attend
 
 MODES = ("continuous", "discrete")
@@ -261,7 +261,7 @@ class Processor:
 
     card: Card
     tokenizer: Any                   # shards.tokenizer.TextTokenizer
-    vq: Any                          # stages.vq.VQHandle
+    vq: Any                          # shards.vq.VQHandle
     precision: str = "fp32"
     cache_frames: int = CODE_CACHE
     encoded: int = 0                 # frames run through the VQ encoder so far
@@ -286,7 +286,7 @@ class Processor:
         self.encoded = 0
 
     def _encode(self, images: list[np.ndarray]) -> np.ndarray:
-        from stages.vq import encode, preprocess
+        from shards.vq import encode, preprocess
         frames = np.stack([orient(img, self.card.orientation) for img in images])
         self.encoded += len(images)
         return encode(self.vq, preprocess(frames, self.card.resolution),
@@ -425,7 +425,7 @@ class Policy:
     def from_checkpoint(cls, path: str | Path, *, vq_path: str | Path | None = None,
                         tokenizer_path: str | Path | None = None,
                         device: str = "auto") -> "Policy":
-        from stages.vq import resolve_device
+        from shards.vq import resolve_device
         step_dir = resolve_checkpoint(path)
         card = read_card(step_dir)
         dev = resolve_device(device)
@@ -543,7 +543,7 @@ def load_tokenizer_for(card: Card, path: str | Path | None):
 
 def load_vq_for(card: Card, path: str | Path | None, device: torch.device):
     """The VQ-GAN the card names (a path, or the seeded random init it records); digest-checked."""
-    from stages.vq import load_vq
+    from shards.vq import load_vq
     want, source = card.vq.get("digest"), str(card.vq.get("source") or "")
     match = RANDOM_VQ_SOURCE.fullmatch(source)
     if path is None and not match:

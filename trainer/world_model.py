@@ -33,7 +33,7 @@ import torch
 from pipeline.errors import RynnError
 from shards import vocab
 from shards.conversation import assemble
-from stages.bins import to_bins
+from shards.bins import to_bins
 from trainer.policy import Stepper, check_image
 
 VIEWS = ("front", "wrist")
@@ -135,7 +135,7 @@ def response_codes(policy, response: np.ndarray) -> np.ndarray:
 
 def decode_codes(policy, codes: np.ndarray) -> np.ndarray:
     """(..., h, w) codes -> (..., H, W, 3) uint8 with the checkpoint's VQ-GAN decoder."""
-    from stages.vq_decoder import decode
+    from shards.vq_decoder import decode
     codes = np.asarray(codes)
     flat = decode(policy.processor.vq, codes.reshape(-1, *codes.shape[-2:]))
     return flat.reshape(*codes.shape[:-2], *flat.shape[1:])
@@ -200,7 +200,7 @@ def imagine(policy, front: np.ndarray, wrist: np.ndarray, action: np.ndarray, *,
 
 def write_frames(images: np.ndarray, out: Path) -> list[str]:
     """step_NNN_<view>.png for each (step, view) image."""
-    from stages.vq_decoder import png_bytes
+    from pipeline.media import png_bytes
     from pipeline.io import write_bytes
     files = []
     for i, pair in enumerate(images):
@@ -283,7 +283,7 @@ def rollout(policy, shards: str | Path, *, steps: int = 8, out: str | Path,
     images, truth = decode_codes(policy, pred), decode_codes(policy, traj.truth)
     out = Path(out)
     strip = strip_image(images, truth)
-    from stages.vq_decoder import png_bytes
+    from pipeline.media import png_bytes
     from pipeline.io import write_bytes, write_json
     write_bytes(out / "rollout_strip.png", png_bytes(strip))
     report = {"episode": traj.episode, "split": traj.split, "start": start, "steps": steps,

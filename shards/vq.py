@@ -2,14 +2,14 @@
 
 Weights come from a local path in either form users have, or from a seeded random init:
 
-    from stages.vq import load_vq, preprocess, encode
+    from shards.vq import load_vq, preprocess, encode
     vq = load_vq("ckpts/chameleon/tokenizer")        # vqgan.yaml + vqgan.ckpt (original release)
     vq = load_vq("ckpts/chameleon-7b")               # Hugging Face Chameleon dir (model.vqmodel.*)
     vq = load_vq(None, random_arch="small")          # UNTRAINED, seeded; said loudly
     codes = encode(vq, preprocess(frames_uint8_nhwc, 256))   # (B, 16, 16) int64
 
 Original checkpoints: the 129 non-decoder keys of `vqgan.ckpt` have the transformers module's names
-and shapes, so they load strictly; `decoder.*` keys are kept for `stages.vq_decoder`; `loss.*`
+and shapes, so they load strictly; `decoder.*` keys are kept for `shards.vq_decoder`; `loss.*`
 (discriminator / perceptual network) keys are ignored by name; anything else is an error.
 
 Precision: "fp32" (default) is exact. "bf16-mixed" runs the encoder and `quant_conv` under bf16
@@ -36,31 +36,18 @@ import torch
 
 from pipeline.errors import DataError
 from pipeline.progress import console
+from shards.vq_arch import (DDCONFIG_KEYS, RANDOM_ARCHS, CheckpointError, arch_from_hf, check_state,
+                            checked_arch, hf_config, preview)
+from shards.vq_decoder import build_decoder, check_decoder_state
 
 ORIGINAL_YAML = "vqgan.yaml"
 ORIGINAL_CKPT = "vqgan.ckpt"
 HF_PREFIX = "model.vqmodel."
 DECODER_PREFIX = "decoder."
 IGNORED_PREFIXES = ("loss.",)
-MAX_CODES = 1 << 16  # codes are stored as uint16
 PRECISIONS = ("fp32", "bf16-mixed")
 _WARNED: set[tuple[str, int]] = set()   # random VQ-GANs already announced in this process
 
-# Original-release yaml field names (model.params.ddconfig) of Chameleon's VQ-GAN.
-FULL_ARCH: dict[str, Any] = {
-    "embed_dim": 256, "n_embed": 8192, "double_z": False, "z_channels": 256, "resolution": 512,
-    "in_channels": 3, "out_ch": 3, "ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2,
-    "attn_resolutions": [], "dropout": 0.0,
-}
-# Reduced width for CPU demos and tests: same codebook, grid and latent size, 1/4 the channels.
-SMALL_ARCH: dict[str, Any] = {**FULL_ARCH, "ch": 32, "num_res_blocks": 1}
-RANDOM_ARCHS = {"full": FULL_ARCH, "small": SMALL_ARCH}
-DDCONFIG_KEYS = ("double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
-                 "num_res_blocks", "attn_resolutions", "dropout")
-
-
-class CheckpointError(DataError):
-    """A VQ-GAN checkpoint is missing, unreadable, or does not match its architecture."""
 
 
 @dataclass
@@ -85,42 +72,6 @@ class VQHandle:
 # ---------------------------------------------------------------------------------------------
 # Architecture <-> transformers config.
 # ---------------------------------------------------------------------------------------------
-
-def hf_config(arch: dict[str, Any]):
-    """The transformers `ChameleonVQVAEConfig` for an architecture in original yaml names."""
-    from transformers import ChameleonVQVAEConfig
-    return ChameleonVQVAEConfig(
-        embed_dim=arch["embed_dim"], num_embeddings=arch["n_embed"], double_latent=arch["double_z"],
-        latent_channels=arch["z_channels"], resolution=arch["resolution"],
-        in_channels=arch["in_channels"], base_channels=arch["ch"],
-        channel_multiplier=list(arch["ch_mult"]), num_res_blocks=arch["num_res_blocks"],
-        attn_resolutions=list(arch["attn_resolutions"]) or None, dropout=arch["dropout"],
-        attn_type="vanilla")
-
-
-def arch_from_hf(vq: dict[str, Any]) -> dict[str, Any]:
-    """Original yaml names from a transformers `vq_config` dict (config.json)."""
-    keys = {"embed_dim": "embed_dim", "n_embed": "num_embeddings", "double_z": "double_latent",
-            "z_channels": "latent_channels", "resolution": "resolution",
-            "in_channels": "in_channels", "ch": "base_channels", "ch_mult": "channel_multiplier",
-            "num_res_blocks": "num_res_blocks", "attn_resolutions": "attn_resolutions",
-            "dropout": "dropout"}
-    arch = {k: vq.get(hf, FULL_ARCH[k]) for k, hf in keys.items()}
-    arch["attn_resolutions"] = list(arch["attn_resolutions"] or [])
-    arch["ch_mult"] = list(arch["ch_mult"])
-    arch["out_ch"] = arch["in_channels"]
-    return _checked_arch(arch, "config.json vq_config")
-
-
-def _checked_arch(arch: dict[str, Any], where: str) -> dict[str, Any]:
-    if not 2 <= arch["n_embed"] <= MAX_CODES:
-        raise CheckpointError(f"codebook size n_embed={arch['n_embed']} is not storable as uint16 "
-                              f"(must be 2..{MAX_CODES})", file=where)
-    if arch["ch"] % 32:
-        raise CheckpointError(f"base channels ch={arch['ch']} must be a multiple of 32 "
-                              "(GroupNorm with 32 groups)", file=where)
-    return arch
-
 
 def build_model(arch: dict[str, Any]) -> torch.nn.Module:
     from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
@@ -169,8 +120,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def random_vq(arch: dict[str, Any], seed: int, *, name: str = "custom") -> VQHandle:
     """A seeded random-init VQ-GAN with a random decoder. Its tokens are UNTRAINED."""
-    from stages.vq_decoder import build_decoder
-    arch = _checked_arch(dict(arch), f"random arch {name}")
+    arch = checked_arch(dict(arch), f"random arch {name}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(arch)
@@ -215,7 +165,7 @@ def read_original_yaml(path: Path) -> dict[str, Any]:
                               f"ddconfig.{{{', '.join(DDCONFIG_KEYS)}}})", file=str(path)) from exc
     arch["ch_mult"] = [int(v) for v in arch["ch_mult"]]
     arch["attn_resolutions"] = [int(v) for v in arch["attn_resolutions"] or []]
-    return _checked_arch(arch, str(path))
+    return checked_arch(arch, str(path))
 
 
 def torch_load(path: Path) -> Any:
@@ -249,11 +199,10 @@ def load_original(yaml_path: Path, ckpt_path: Path) -> VQHandle:
     vq_state, decoder_state, other = split_original_keys(state)
     if other:
         raise CheckpointError(f"unexpected keys (not encoder/quantizer/decoder/loss): "
-                              f"{_preview(other)}", file=str(ckpt_path))
+                              f"{preview(other)}", file=str(ckpt_path))
     model = build_model(arch)
     load_strict(model, vq_state, arch, where=str(ckpt_path))
     if decoder_state:
-        from stages.vq_decoder import check_decoder_state
         check_decoder_state(decoder_state, arch, where=str(ckpt_path))
     return VQHandle(model=model, digest=state_digest(model.state_dict()), untrained=False,
                     arch=arch, source="original", decoder_state=decoder_state or None)
@@ -284,28 +233,6 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], arch: di
                               f"but quantize.embedding.weight has {book.shape[0]} codes", file=where)
     check_state(state, {k: tuple(v.shape) for k, v in expected.items()}, "VQ-GAN", where=where)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-
-
-def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str,
-                *, where: str) -> None:
-    """Raise unless `state` has exactly the `expected` keys with exactly their shapes."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{what} keys do not match the architecture: missing "
-                              f"{_preview(missing)}; unexpected {_preview(unexpected)}", file=where)
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {s}"
-              for k, s in expected.items() if tuple(state[k].shape) != s]
-    if shapes:
-        raise CheckpointError(f"{what} weight shapes do not match the config: {_preview(shapes)}",
-                              file=where)
-
-
-def _preview(items: list[str], limit: int = 8) -> str:
-    if not items:
-        return "none"
-    more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 def load_hf(path: Path) -> VQHandle:

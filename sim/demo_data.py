@@ -23,7 +23,7 @@ episode start (`scene`), the simulation step (`physics_step`), the observation (
 drift apart.
 
     rynn-pipe demo-data out/demo/raw --flavour raw --size 128 --tasks 3 --demos 4 --seed 0
-    from pipeline.demo_data import write_demo_suite
+    from sim.demo_data import write_demo_suite
     files = write_demo_suite(Path("demos"), flavour="regenerated", size=256)
 """
 

@@ -10,7 +10,7 @@ A zero-range dimension (min == max) normalizes to -1 (no NaN) and decodes back n
 `stats.json` (docs/ARCHITECTURE.md) is read and written by `Stats.load` / `Stats.save`;
 `Accumulator` fits per-dimension stats over a stream of (n, D) arrays.
 
-    from stages.bins import Stats, encode, decode
+    from shards.bins import Stats, encode, decode
     stats = Stats.load(path)
     tokens = encode(actions, stats.action, stats.num_bins)        # int64, 1..num_bins
 """
@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.errors import DataError, StageError
 from pipeline.io import read_json, write_json
-from stages.presets import PRESETS
+from shards.presets import PRESETS
 
 SCHEMA = 1
 NUM_BINS = 256

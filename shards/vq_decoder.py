@@ -7,8 +7,8 @@ upsample + conv on every level but the first), norm_out, swish, conv_out. Parame
 `decoder.up.1.upsample.conv.weight`) and load strictly. The residual and attention blocks are
 transformers' own Chameleon VQ blocks, which have the same layout as the decoder's.
 
-    from stages.vq import load_vq
-    from stages.vq_decoder import decode
+    from shards.vq import load_vq
+    from shards.vq_decoder import decode
     images = decode(load_vq("ckpts/chameleon/tokenizer"), codes)   # (B, H, W, 3) uint8
 
 Pixels: clamp(-1, 1), then round((x + 1) * 127.5) to uint8.
@@ -16,7 +16,6 @@ Pixels: clamp(-1, 1), then round((x + 1) * 127.5) to uint8.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import RynnError
+from shards.vq_arch import check_state, hf_config
 
 
 class DecoderError(RynnError):
@@ -51,7 +51,6 @@ class Decoder(nn.Module):
 
     def __init__(self, arch: dict[str, Any]) -> None:
         super().__init__()
-        from stages.vq import hf_config
         res_block, attn_block = _blocks()
         cfg = hf_config(arch)
         ch, mult, n_res = arch["ch"], list(arch["ch_mult"]), arch["num_res_blocks"]
@@ -98,7 +97,6 @@ def build_decoder(arch: dict[str, Any]) -> Decoder:
 
 def check_decoder_state(state: dict[str, torch.Tensor], arch: dict[str, Any], *, where: str) -> None:
     """Raise unless `decoder.*` keys and shapes match the architecture exactly."""
-    from stages.vq import check_state
     with torch.device("meta"):
         expected = {f"decoder.{k}": tuple(v.shape) for k, v in Decoder(arch).state_dict().items()}
     check_state(state, expected, "decoder", where=where)
@@ -133,11 +131,3 @@ def decode(handle, codes: np.ndarray | torch.Tensor) -> np.ndarray:
     pixels = decoder_for(handle)(model.post_quant_conv(latent))
     pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG bytes of one (H, W, 3) uint8 image."""
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return buf.getvalue()

@@ -8,7 +8,7 @@ measured state follows them with one step of lag (state[t] = action[t-1]). Two c
 the arm. With `identifiable=True` every frame also carries its global dataset index as a large
 black/white barcode (`read_frame_index` decodes it), so a one-frame offset is detectable.
 
-    from pipeline.lerobot_fixtures import write_lerobot_dataset
+    from lerobot_fixtures import write_lerobot_dataset
     root = write_lerobot_dataset(tmp / "so100", version="v3.0", episodes=3, frames=30)
 
 Episode i has `episode_lengths(episodes, frames)[i]` rows (lengths differ on purpose, so v3.0
@@ -18,20 +18,19 @@ episodes start at odd offsets inside shared files).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.media import video_encoder, write_video
 
 JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 CAMERAS = ("observation.images.front", "observation.images.wrist")
 TASKS = ("pick up the red block and put it in the bin", "push the red block to the left")
 CHUNKS_SIZE = 1000
 BARCODE_BITS = 16
-_ENCODERS = {"h264": "libx264", "av1": "libsvtav1"}
 _V21_DATA = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 _V21_VIDEO = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
 _V30_DATA = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
@@ -117,30 +116,6 @@ def _frames(states: np.ndarray, first_index: int, size: int, wrist: bool,
 # ---------------------------------------------------------------------------------------------
 # Writers: video, parquet, json
 # ---------------------------------------------------------------------------------------------
-
-def _encoder(codec: str) -> str:
-    if codec not in _ENCODERS:
-        raise ValueError(f"codec must be one of {sorted(_ENCODERS)}, got {codec!r}")
-    name = _ENCODERS[codec]
-    if name not in av.codecs_available:
-        raise ValueError(f"PyAV has no {name} encoder for codec {codec!r}")
-    return name
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: int, codec: str) -> None:
-    """Encode RGB frames as an mp4 (yuv420p, a keyframe every 10 frames, near-lossless)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints a banner on stderr otherwise
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(_encoder(codec), rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.options = ({"preset": "10", "crf": "18", "g": "10"} if codec == "av1"
-                          else {"crf": "10", "g": "10", "threads": "1"})
-        for img in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        container.mux(stream.encode())
-
 
 def _vector(rows: np.ndarray) -> pa.Array:
     flat = pa.array(np.ascontiguousarray(rows, np.float32).reshape(-1))
@@ -298,7 +273,7 @@ def write_lerobot_dataset(out: Path, *, version: str = "v2.1", episodes: int = 3
     """
     if version not in ("v2.1", "v3.0"):
         raise ValueError(f"version must be 'v2.1' or 'v3.0', got {version!r}")
-    _encoder(codec)
+    video_encoder(codec)
     out = Path(out)
     eps = _episodes(episodes, frames, seed)
     if version == "v2.1":

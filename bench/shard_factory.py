@@ -1,7 +1,7 @@
 """Tiny synthetic shard sets in the documented sample format (docs/ARCHITECTURE.md), for tests and
 the reader bench, independent of the real writer.
 
-    from tests.shard_factory import make_shards
+    from bench.shard_factory import make_shards
     manifest = make_shards(tmp_path, vla_shards=[5, 3], wm_shards=[4])
 
 Each shard is a gzip tar (`vla-000000.tar.gz`, ...) whose samples hold `<key>.tokens.npy` (uint16),
