@@ -152,6 +152,7 @@ class RobosuiteEnv:
     # -- the Env interface -------------------------------------------------------------------
 
     def reset(self, seed: int) -> Observation:
+        self._make_current()
         saved = np.random.get_state()
         np.random.seed(seed)          # robosuite 1.4 draws placements and arm noise from np.random
         try:
@@ -172,11 +173,16 @@ class RobosuiteEnv:
         if action.shape != (self.action_dim,) or not np.isfinite(action).all():
             raise EnvError(f"{self.name}: expected a finite ({self.action_dim},) action, got "
                            f"shape {action.shape}")
+        self._make_current()
         self._obs, _, _, _ = self._env.step(np.clip(action, -1.0, 1.0))
         self._t += 1
         success = bool(self._env._check_success())
         return Step(obs=self._observation(), success=success,
                     done=success or self._t >= self.max_steps)
+
+    def _make_current(self) -> None:
+        """Render into this env's GL context (several envs may live in one process)."""
+        self._env.sim._render_context_offscreen.gl_ctx.make_current()
 
     def expert_action(self) -> np.ndarray:
         if self._obs is None:
