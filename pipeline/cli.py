@@ -109,6 +109,16 @@ def sim_data_cmd(out: Path = typer.Argument(..., help="Directory to write the HD
                   f"{result.path}")
 
 
+@app.command("sim-report")
+@friendly
+def sim_report_cmd(exp: Path = typer.Argument(..., help="Experiment directory (make sim-experiment).")) -> None:
+    """Write EXP/report.md: success rates with 95 % Wilson intervals, training, videos."""
+    from sim.experiment import write_report
+    path = write_report(exp)
+    print(path.read_text())
+    console.print(f"report: {path}")
+
+
 @app.command("plan")
 @friendly
 def plan_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations directory."),
