@@ -98,11 +98,12 @@ def _training_rows(exp: Path) -> list[str]:
 def write_report(exp: Path) -> Path:
     """Write EXP/report.md from the experiment's runs and rollouts; return its path."""
     exp = Path(exp)
-    videos = sorted(p.relative_to(exp).as_posix() for p in (exp / "rollouts").rglob("*.mp4")) \
-        if (exp / "rollouts").is_dir() else []
+    rollouts = exp / "rollouts"
+    videos = sorted(p.relative_to(exp).as_posix() for pattern in ("*.mp4", "contact_sheet.png")
+                    for p in rollouts.rglob(pattern)) if rollouts.is_dir() else []
     lines = ["# Closed-loop experiment: robosuite Lift", "",
              "Success over the same seeded Lift episodes (seeds disjoint from the demos').", "",
-             *_success_rows(exp), "", "## Training", "", *_training_rows(exp), "", "## Videos", "",
+             *_success_rows(exp), "", "## Training", "", *_training_rows(exp), "", "## Videos and contact sheets", "",
              *([f"- {v}" for v in videos] or ["- none recorded"]), ""]
     out = exp / "report.md"
     write_bytes(out, "\n".join(lines).encode())

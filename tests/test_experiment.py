@@ -29,6 +29,7 @@ def test_report_from_the_experiment_layout(tmp_path):
         json.dumps({"seed": s, "success": s % 2 == 0, "steps": 40}) + "\n" for s in range(10)))
     (full / "videos").mkdir()
     (full / "videos" / "seed_0.mp4").write_bytes(b"")
+    (full / "contact_sheet.png").write_bytes(b"")
     mean = tmp_path / "rollouts" / "mean" / "episodes"
     mean.mkdir(parents=True)
     for s in range(10):
@@ -44,7 +45,7 @@ def test_report_from_the_experiment_layout(tmp_path):
     assert "| baseline: dataset mean action chunk | 0/10 | 0% | [0%, 28%] |" in text
     assert "| baseline: scripted expert | not run | | |" in text
     assert "20 steps, last logged loss 1.2500; loss curve: runs/full/loss_curve.png" in text
-    assert "- rollouts/full/videos/seed_0.mp4" in text
+    assert "- rollouts/full/contact_sheet.png\n- rollouts/full/videos/seed_0.mp4" in text
 
 
 def test_rollout_without_records_is_an_error(tmp_path):
