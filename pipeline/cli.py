@@ -111,7 +111,8 @@ def sim_data_cmd(out: Path = typer.Argument(..., help="Directory to write the HD
 
 @app.command("sim-report")
 @friendly
-def sim_report_cmd(exp: Path = typer.Argument(..., help="Experiment directory (make sim-experiment).")) -> None:
+def sim_report_cmd(exp: Path = typer.Argument(..., help="Experiment dir (make sim-experiment).")
+                   ) -> None:
     """Write EXP/report.md: success rates with 95 % Wilson intervals, training, videos."""
     from sim.experiment import write_report
     path = write_report(exp)

@@ -1,4 +1,4 @@
-"""The closed-loop experiment's report: success rates with 95 % Wilson intervals, loss curves, videos.
+"""The closed-loop experiment's report: success rates with 95 % Wilson intervals, losses, videos.
 
 `make sim-experiment` records robosuite Lift expert demos (`rynn-pipe sim-data`), tokenizes them
 with the `sim_lift` recipe, trains twice on the CPU (the natural VLA / world-model mix, and VLA
@@ -103,7 +103,8 @@ def write_report(exp: Path) -> Path:
                     for p in rollouts.rglob(pattern)) if rollouts.is_dir() else []
     lines = ["# Closed-loop experiment: robosuite Lift", "",
              "Success over the same seeded Lift episodes (seeds disjoint from the demos').", "",
-             *_success_rows(exp), "", "## Training", "", *_training_rows(exp), "", "## Videos and contact sheets", "",
+             *_success_rows(exp), "", "## Training", "", *_training_rows(exp), "",
+             "## Videos and contact sheets", "",
              *([f"- {v}" for v in videos] or ["- none recorded"]), ""]
     out = exp / "report.md"
     write_bytes(out, "\n".join(lines).encode())

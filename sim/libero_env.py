@@ -1,4 +1,4 @@
-"""`libero:<suite>/<task>`: the published LIBERO evaluation protocol, for users with LIBERO installed.
+"""`libero:<suite>/<task>`: the published LIBERO evaluation protocol (needs LIBERO installed).
 
 Per task of a suite (libero_spatial, libero_object, libero_goal, libero_10, libero_90):
 - episode `seed` starts from the benchmark's fixed initial state number `seed` (in order, wrapping

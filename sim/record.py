@@ -42,7 +42,7 @@ class RecordConfig:
     def __post_init__(self) -> None:
         checks = [(self.episodes >= 1, "episodes", "must be >= 1"),
                   (self.size >= 32, "size", "must be >= 32 (128 or 256 like LIBERO)"),
-                  (0.0 <= self.noise <= 1.0, "noise", "must be in [0, 1] (normalized action units)"),
+                  (0.0 <= self.noise <= 1.0, "noise", "must be in [0, 1] (normalized units)"),
                   (self.max_failures is None or self.max_failures >= 0, "max_failures",
                    "must be >= 0")]
         for ok, option, msg in checks:

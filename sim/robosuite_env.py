@@ -204,7 +204,7 @@ class RobosuiteEnv:
         return self._env.sim.model.get_xml()
 
     def proprio(self) -> dict[str, np.ndarray]:
-        """The arm's joint positions (7) and the eef quaternion (x, y, z, w) of the current state."""
+        """The arm's joint positions (7) and the eef quaternion (x, y, z, w) now."""
         robot = self._env.robots[0]
         return {"joint_states": np.asarray(self._env.sim.data.qpos[robot._ref_joint_pos_indexes],
                                            dtype=np.float64),

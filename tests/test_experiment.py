@@ -1,4 +1,4 @@
-"""The closed-loop experiment's report (sim/experiment.py): Wilson intervals, episode records, layout.
+"""The closed-loop experiment's report (sim/experiment.py): Wilson intervals, records, layout.
 
     OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_experiment.py -q
 """
