@@ -1,8 +1,10 @@
-"""`libero:<suite>/<task>`: the published LIBERO evaluation protocol (needs LIBERO installed).
+"""`libero:<suite>[/<task>]`: the published LIBERO evaluation protocol (needs LIBERO installed).
 
 Per task of a suite (libero_spatial, libero_object, libero_goal, libero_10, libero_90):
-- episode `seed` starts from the benchmark's fixed initial state number `seed` (in order, wrapping
-  after the last; 50 per task), set on a freshly reset `OffScreenRenderEnv` seeded 0 once;
+- the task's episodes start from the benchmark's fixed initial states in order (50 per task,
+  wrapping after the last), each set on a freshly reset `OffScreenRenderEnv` seeded 0 once;
+  `libero:<suite>` plays task `seed % num_tasks` from initial state `seed // num_tasks` (the
+  rollout's N episodes per task), `libero:<suite>/<i>` task i from initial state `seed`;
 - the env then takes 10 steps of `[0, 0, 0, 0, 0, 0, -1]` (objects settle) before the policy's
   first action; `reset` returns the observation after them;
 - the policy gets at most the suite's step limit (spatial 220, object 280, goal 300, libero_10
@@ -18,11 +20,10 @@ a dependency and could not be installed here: the `hf-libero` and `libero` pip p
 task specs and initial states but not the assets. The protocol is tested against a stand-in of
 LIBERO's API (tests/test_libero_env.py); it has never run against the real simulator here.
 
+    rynn-pipe rollout --env libero:libero_goal --policy runs/goal --episodes 50 --out r/
     from sim.env import make_env
-    from sim.libero_env import task_specs
-    for spec in task_specs("libero_goal"):          # "libero:libero_goal/0" ... "/9"
-        env = make_env(spec, size=256)
-        obs = env.reset(seed=0)                     # initial state 0, after the 10 waiting steps
+    env = make_env("libero:libero_goal/3", size=256)
+    obs = env.reset(seed=0)                     # task 3, initial state 0, after the 10 waits
 """
 
 from __future__ import annotations
@@ -72,15 +73,14 @@ def load_api() -> LiberoApi:
                      assets_root=Path(get_libero_path("assets")), make_env=OffScreenRenderEnv)
 
 
-def _parse(arg: str | None) -> tuple[str, int]:
+def _parse(arg: str | None) -> tuple[str, int | None]:
     suite, _, task = (arg or "").partition("/")
     if suite not in STEP_LIMITS:
         raise EnvError(f"unknown LIBERO suite {suite!r}; choose one of {', '.join(STEP_LIMITS)} "
-                       "as libero:<suite>/<task index>")
-    if not task.isdigit():
-        raise EnvError(f"libero:{suite}: name a task, libero:{suite}/<index> (sim.libero_env."
-                       "task_specs lists them)")
-    return suite, int(task)
+                       "as libero:<suite> or libero:<suite>/<task index>")
+    if task and not task.isdigit():
+        raise EnvError(f"libero:{suite}/{task}: the task is an index, libero:{suite}/<index>")
+    return suite, int(task) if task else None
 
 
 def _benchmark(api: LiberoApi, suite: str):
@@ -91,42 +91,64 @@ def _benchmark(api: LiberoApi, suite: str):
 
 def task_specs(suite: str, api: LiberoApi | None = None) -> list[str]:
     """`libero:<suite>/<i>` for every task of the suite, in the benchmark's order."""
-    _parse(f"{suite}/0")
+    _parse(suite)
     bench = _benchmark(api or load_api(), suite)
     return [f"libero:{suite}/{i}" for i in range(bench.get_num_tasks())]
 
 
 class LiberoEnv:
-    """One LIBERO task under the published evaluation protocol (see the module docstring)."""
+    """A LIBERO suite (`num_tasks` tasks) or one of its tasks under the published evaluation
+    protocol (see the module docstring). Seed s plays task `s % num_tasks` from that task's
+    initial state number `s // num_tasks`, so N episodes per task are N x num_tasks consecutive
+    seeds and each task sees its initial states in order. One task's simulator is held at a time
+    (built again when the task changes)."""
 
     action_dim = 7
 
     def __init__(self, arg: str | None, *, size: int = 256, api: LiberoApi | None = None) -> None:
-        suite, index = _parse(arg)
-        api = api or load_api()
-        bench = _benchmark(api, suite)
-        if not 0 <= index < bench.get_num_tasks():
-            raise EnvError(f"libero:{suite} has tasks 0..{bench.get_num_tasks() - 1}, not {index}")
-        if not api.assets_root.is_dir():
-            raise EnvError(f"LIBERO's scene assets are missing ({api.assets_root} does not exist):"
-                           f" {INSTALL_HINT}")
-        task = bench.get_task(index)
-        bddl = api.bddl_root / task.problem_folder / task.bddl_file
-        if not bddl.is_file():
-            raise EnvError(f"libero:{suite}/{index}: task file {bddl} not found: {INSTALL_HINT}")
-        self.name = f"libero:{suite}/{index}"
-        self.max_steps = STEP_LIMITS[suite]
-        self.instruction = str(task.language)
-        self._init_states = np.asarray(bench.get_task_init_states(index))
-        self._env = api.make_env(bddl_file_name=str(bddl), camera_heights=size,
-                                 camera_widths=size)
-        self._env.seed(ENV_SEED)
+        self.suite, index = _parse(arg)
+        self._api = api or load_api()
+        self._bench = _benchmark(self._api, self.suite)
+        count = self._bench.get_num_tasks()
+        if index is not None and not 0 <= index < count:
+            raise EnvError(f"libero:{self.suite} has tasks 0..{count - 1}, not {index}")
+        if not self._api.assets_root.is_dir():
+            raise EnvError(f"LIBERO's scene assets are missing ({self._api.assets_root} does not "
+                           f"exist): {INSTALL_HINT}")
+        self._tasks = list(range(count)) if index is None else [index]
+        self.num_tasks = len(self._tasks)
+        self.name = f"libero:{arg}"
+        self.max_steps = STEP_LIMITS[self.suite]
+        self.size = size
+        self._task: int | None = None
+        self._env = None
         self._t: int | None = None
+        self._load(self._tasks[0])
+
+    def _load(self, index: int) -> None:
+        """Hold task `index`'s simulator (seeded once, as the published evaluation does)."""
+        if self._task == index:
+            return
+        task = self._bench.get_task(index)
+        bddl = self._api.bddl_root / task.problem_folder / task.bddl_file
+        if not bddl.is_file():
+            raise EnvError(f"libero:{self.suite}/{index}: task file {bddl} not found: "
+                           f"{INSTALL_HINT}")
+        if self._env is not None:
+            self._env.close()
+        self._env = self._api.make_env(bddl_file_name=str(bddl), camera_heights=self.size,
+                                       camera_widths=self.size)
+        self._env.seed(ENV_SEED)
+        self._task, self.instruction = index, str(task.language)
+        self._init_states = np.asarray(self._bench.get_task_init_states(index))
 
     def reset(self, seed: int) -> Observation:
-        """Initial state number `seed` (wrapping), then the 10 waiting steps."""
+        """Task `seed % num_tasks`, its initial state `seed // num_tasks` (wrapping after the
+        last), then the 10 waiting steps."""
+        self._load(self._tasks[seed % self.num_tasks])
         self._env.reset()
-        obs = self._env.set_init_state(self._init_states[seed % len(self._init_states)])
+        number = (seed // self.num_tasks) % len(self._init_states)
+        obs = self._env.set_init_state(self._init_states[number])
         for _ in range(WAIT_STEPS):
             obs, _, _, _ = self._env.step(WAIT_ACTION.copy())
         self._t = 0

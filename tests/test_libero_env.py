@@ -117,6 +117,23 @@ def test_reset_sets_initial_states_in_order_then_waits_ten_steps(api):
             np.testing.assert_array_equal(action, [0, 0, 0, 0, 0, 0, -1])
 
 
+def test_suite_env_plays_each_task_from_its_initial_states_in_order(api):
+    env = LiberoEnv("libero_goal", size=32, api=api)
+    assert env.num_tasks == 3 and env.max_steps == 300
+    played = []
+    for seed in range(6):                          # N = 2 episodes per task: seeds 0..5
+        obs = env.reset(seed)
+        fake = FakeOffScreenEnv.instances[-1]
+        state = [c[1] for c in fake.calls if c[0] == "set_init_state"][-1]
+        played.append((Path(fake.bddl).name, obs.instruction, int(state[0])))
+    assert played == [("task_0.bddl", "task number 0", 0), ("task_1.bddl", "task number 1", 1),
+                      ("task_2.bddl", "task number 2", 2), ("task_0.bddl", "task number 0", 10),
+                      ("task_1.bddl", "task number 1", 11), ("task_2.bddl", "task number 2", 12)]
+    # one simulator held at a time: each earlier one was closed when the task changed
+    assert all(("close",) in f.calls for f in FakeOffScreenEnv.instances[:-1])
+    assert all(f.calls[0] == ("seed", 0) for f in FakeOffScreenEnv.instances)
+
+
 def test_observation_state_and_frames(api):
     env = LiberoEnv("libero_goal/1", size=32, api=api)
     obs = env.reset(3)
@@ -154,8 +171,8 @@ def test_task_specs_and_bad_names(api):
     assert task_specs("libero_goal", api) == [f"libero:libero_goal/{i}" for i in range(3)]
     with pytest.raises(EnvError, match="unknown LIBERO suite 'libero_long'"):
         LiberoEnv("libero_long/0", api=api)
-    with pytest.raises(EnvError, match="name a task"):
-        LiberoEnv("libero_goal", api=api)
+    with pytest.raises(EnvError, match="the task is an index"):
+        LiberoEnv("libero_goal/x", api=api)
     with pytest.raises(EnvError, match="tasks 0..2, not 7"):
         LiberoEnv("libero_goal/7", api=api)
     with pytest.raises(EnvError, match="no scripted expert"):
