@@ -158,3 +158,13 @@ def test_sim_data_is_deterministic(recorded):
     cfg, result, out = recorded
     again = record_demos(out / "b", cfg)
     assert sha256_file(again.path) == sha256_file(result.path)
+
+
+def test_sim_data_cli_rejects_bad_arguments_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+    from pipeline.cli import app
+    result = CliRunner().invoke(app, ["sim-data", str(tmp_path / "out"), "--episodes", "0"])
+    assert result.exit_code == 2 and "sim-data --episodes: must be >= 1" in result.output
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["sim-data", str(tmp_path / "out"), "--env", "libero:x"])
+    assert result.exit_code == 1 and "unknown LIBERO suite 'x'" in result.output
