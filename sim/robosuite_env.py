@@ -6,7 +6,7 @@ close), 20 Hz, both cameras (`agentview`, `robot0_eye_in_hand`) at `size` pixels
 robosuite renders them: OpenGL convention, bottom row first, exactly what LIBERO's HDF5 files store.
 The model state is LIBERO's 8-d vector: eef position ++ axis-angle of the eef quaternion ++ the two
 gripper finger positions. Rendering is made cheap (anti-aliasing, reflections and shadows off:
-about 2.6x faster per step at 128 px than robosuite's defaults). Resets are soft (the MuJoCo model
+3-4x faster per step at 128 px than robosuite's defaults, measured on 2 loaded cores). Resets are soft (the MuJoCo model
 is built once, at construction, from a fixed seed, so Lift's cube size is the same in every
 episode); each episode's object placement and arm noise come from `reset(seed)` only.
 
