@@ -23,6 +23,7 @@ EGL (`apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri`). `MUJOCO_GL` defaul
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -87,6 +88,8 @@ TASKS = {
 
 
 def _import_robosuite():
+    # robosuite warns on every import that it has no private macro file (we need none).
+    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
     try:
         import robosuite
         from robosuite import load_controller_config
