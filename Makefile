@@ -18,7 +18,7 @@ SET    ?=
 SETS   := $(foreach s,$(SET),--set $(s))
 TORCH_VERSION := 2.13.0
 
-.PHONY: help setup demo demo-data shards plan verify inspect train act imagine eval test test-all bench clean
+.PHONY: help setup demo demo-data shards plan verify inspect train act imagine eval test test-all bench clean sim-experiment
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -66,6 +66,35 @@ inspect: setup
 
 train: setup ## train on the shards of `make shards`
 	$(RYNN) train --shards $(OUT)/shards --out $(RUN) --preset $(PRESET) --steps $(STEPS)
+
+# The closed-loop experiment (needs the [sim] extra: pip install -e '.[sim]'): robosuite Lift expert
+# demos -> sim_lift shards -> two CPU trainings (VLA + world model; VLA only) -> rollouts of both and
+# of the mean / expert baselines on the same seeds -> $(EXP)/report.md. SIM_STEPS ~ 1 h on 2 cores.
+EXP          ?= out/sim_experiment
+SIM_DEMOS    ?= 100
+SIM_NOISE    ?= 0.05
+SIM_STEPS    ?= 3000
+SIM_EPISODES ?= 50
+SIM_SEED     ?= 100000
+SIM_PROCS    ?= 1
+SIM_VIDEOS   ?= 2
+ROLLOUT = $(RYNN) rollout --env robosuite:Lift --episodes $(SIM_EPISODES) --seed $(SIM_SEED) \
+	--mode continuous --procs $(SIM_PROCS) --shards $(EXP)/tok/shards --videos $(SIM_VIDEOS)
+
+sim-experiment: setup ## robosuite Lift: demos, tokenize, train (full and VLA-only), rollouts, report
+	@$(PY) -c "import robosuite" 2>/dev/null || $(PY) -m pip install -q -e '.[sim]'
+	@test -d $(EXP)/raw || $(RYNN) sim-data --env robosuite:Lift --episodes $(SIM_DEMOS) \
+		--noise $(SIM_NOISE) $(EXP)/raw
+	$(RYNN) tokenize --raw $(EXP)/raw --recipe sim_lift --out $(EXP)/tok
+	$(RYNN) verify $(EXP)/tok/shards
+	$(RYNN) train --shards $(EXP)/tok/shards --out $(EXP)/runs/full --preset $(PRESET) --steps $(SIM_STEPS)
+	$(RYNN) train --shards $(EXP)/tok/shards --out $(EXP)/runs/vla --preset $(PRESET) --steps $(SIM_STEPS) \
+		--set mix=1.0
+	$(ROLLOUT) --policy $(EXP)/runs/full --out $(EXP)/rollouts/full
+	$(ROLLOUT) --policy $(EXP)/runs/vla --out $(EXP)/rollouts/vla
+	$(ROLLOUT) --policy mean --out $(EXP)/rollouts/mean
+	$(ROLLOUT) --policy expert --out $(EXP)/rollouts/expert
+	$(RYNN) sim-report $(EXP)
 
 test: setup ## the default test run (fast tier; what CI runs)
 	OMP_NUM_THREADS=2 $(VENV)/bin/pytest

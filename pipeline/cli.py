@@ -1,6 +1,7 @@
 """`rynn-pipe`: the command line. Each command resolves a config and calls one library function.
 
     rynn-pipe demo-data demos/                 # a synthetic LIBERO-format suite
+    rynn-pipe sim-data --env robosuite:Lift --episodes 50 sim/   # real-physics expert demos
     rynn-pipe plan --raw demos/ --recipe demo  # what would run, without running it
     rynn-pipe tokenize --raw demos/ --recipe demo --out out/demo
     torchrun --nproc_per_node 8 -m pipeline.cli tokenize ...   # VQ encoding split over ranks
@@ -87,6 +88,37 @@ def demo_obs_cmd(raw: Path = typer.Argument(..., help="A demo suite (rynn-pipe d
     from sim.demo_data import export_observation
     paths = export_observation(raw, out, step=step)
     console.print(f"wrote {', '.join(p.name for p in paths.values())} to {out}")
+
+
+@app.command("sim-data")
+@friendly
+def sim_data_cmd(out: Path = typer.Argument(..., help="Directory to write the HDF5 file into."),
+                 env: str = typer.Option("robosuite:Lift", help="Environment spec with an expert."),
+                 episodes: int = typer.Option(20, help="Successful episodes to keep."),
+                 seed: int = typer.Option(0, help="First episode seed (output is deterministic)."),
+                 size: int = typer.Option(128, help="Image side in pixels (128 or 256)."),
+                 noise: float = typer.Option(0.0, help="Std of Gaussian noise on the arm actions."),
+                 max_failures: Optional[int] = typer.Option(
+                     None, help="Failed episodes allowed [default: --episodes].")) -> None:
+    """Record the scripted expert in a simulator as LIBERO raw-release HDF5 (successes only)."""
+    from sim.record import RecordConfig, record_demos
+    result = record_demos(out, RecordConfig(env=env, episodes=episodes, seed=seed, size=size,
+                                            noise=noise, max_failures=max_failures))
+    failed = f", {len(result.failed_seeds)} failed (seeds {result.failed_seeds})" \
+        if result.failed_seeds else ""
+    console.print(f"wrote {len(result.kept_seeds)} demos ({result.steps} steps{failed}) to "
+                  f"{result.path}")
+
+
+@app.command("sim-report")
+@friendly
+def sim_report_cmd(exp: Path = typer.Argument(..., help="Experiment dir (make sim-experiment).")
+                   ) -> None:
+    """Write EXP/report.md: success rates with 95 % Wilson intervals, training, videos."""
+    from sim.experiment import write_report
+    path = write_report(exp)
+    print(path.read_text())
+    console.print(f"report: {path}")
 
 
 @app.command("plan")

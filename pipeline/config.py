@@ -210,6 +210,13 @@ def demo() -> RunConfig:
     return replace(cfg, suite="", image=image)
 
 
+def sim_lift() -> RunConfig:
+    """robosuite Lift demos from `rynn-pipe sim-data` (LIBERO raw layout), sized like `demo` for a
+    CPU: 128 px, the reduced random VQ-GAN, history 2, chunk 5 (expert episodes are ~40 steps)."""
+    cfg = demo()
+    return replace(cfg, recipe="sim_lift")
+
+
 def so100() -> RunConfig:
     """LeRobot SO100 (SPEC.md 1.2): history 1, chunk 20, arm actions relative to the state."""
     cfg = base()
@@ -228,6 +235,7 @@ RECIPES = {
     "libero_10": libero_10,
     "libero_90": libero_90,
     "demo": demo,
+    "sim_lift": sim_lift,
     "so100": so100,
 }
 ALIASES = {"libero_long": "libero_10"}

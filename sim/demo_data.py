@@ -102,6 +102,7 @@ class Demo:
 
     arrays: dict[str, np.ndarray]
     init_state: np.ndarray
+    model_file: str = "<mujoco model=\"demo_tabletop\"></mujoco>"   # the scene's MJCF
 
 
 def task_list(n: int) -> list[Task]:
@@ -549,7 +550,8 @@ def demo_numbers(demos: int, flavour: str, rng: np.random.Generator) -> list[int
     return numbers
 
 
-def _write_demo(data: h5py.Group, key: str, demo: Demo, flavour: str) -> None:
+def write_demo(data: h5py.Group, key: str, demo: Demo, flavour: str) -> None:
+    """One `data/<key>` group: arrays (images stored bottom-row-first), raw-release attributes."""
     group = data.create_group(key, track_order=True)
     for name, arr in demo.arrays.items():
         if name.endswith("_rgb"):
@@ -560,25 +562,35 @@ def _write_demo(data: h5py.Group, key: str, demo: Demo, flavour: str) -> None:
     if flavour == "raw":
         group.attrs["num_samples"] = len(demo.arrays["actions"])
         group.attrs["init_state"] = demo.init_state
-        group.attrs["model_file"] = "<mujoco model=\"demo_tabletop\"></mujoco>"
+        group.attrs["model_file"] = demo.model_file
 
 
 def _suite_attrs(data: h5py.Group, task: Task, size: int, num_demos: int, total: int) -> None:
     """The attributes the raw release puts on `data`."""
-    problem = "libero_tabletop_manipulation"
     bddl = f"libero/bddl_files/demo/{task.file_name('raw').removesuffix('_demo.hdf5')}.bddl"
+    write_suite_attrs(data, env_name="Libero_Tabletop_Manipulation",
+                      problem="libero_tabletop_manipulation", instruction=task.instruction,
+                      size=size, num_demos=num_demos, total=total, bddl=bddl)
+
+
+def write_suite_attrs(data: h5py.Group, *, env_name: str, problem: str, instruction: str,
+                      size: int, num_demos: int, total: int, bddl: str | None = None) -> None:
+    """LIBERO raw-release attributes on `data` (problem_info, env_args, ...); `bddl` is the
+    task's BDDL file where the scene has one."""
     env_kwargs = {"robots": ["Panda"], "controller": "OSC_POSE", "control_freq": int(1 / DT),
                   "camera_names": ["agentview", "robot0_eye_in_hand"],
-                  "camera_heights": size, "camera_widths": size, "bddl_file_name": bddl}
-    data.attrs["bddl_file_name"] = bddl
-    data.attrs["env_args"] = json.dumps({"type": 1, "env_name": "Libero_Tabletop_Manipulation",
-                                         "problem_name": problem, "bddl_file": bddl,
-                                         "env_kwargs": env_kwargs}, sort_keys=True)
-    data.attrs["env_name"] = "Libero_Tabletop_Manipulation"
+                  "camera_heights": size, "camera_widths": size}
+    env_args = {"type": 1, "env_name": env_name, "problem_name": problem, "env_kwargs": env_kwargs}
+    if bddl is not None:
+        env_kwargs["bddl_file_name"] = bddl
+        env_args["bddl_file"] = bddl
+        data.attrs["bddl_file_name"] = bddl
+    data.attrs["env_args"] = json.dumps(env_args, sort_keys=True)
+    data.attrs["env_name"] = env_name
     data.attrs["macros_image_convention"] = "opengl"
     data.attrs["num_demos"] = num_demos
     data.attrs["problem_info"] = json.dumps({"problem_name": problem, "domain_name": "robosuite",
-                                             "language_instruction": task.instruction})
+                                             "language_instruction": instruction})
     data.attrs["tag"] = "libero-v1"
     data.attrs["total"] = total
 
@@ -593,7 +605,7 @@ def _write_task_file(out: Path, task: Task, *, flavour: str, size: int, demos: i
         total = 0
         for number in numbers:
             demo = demo_arrays(task, number, flavour=flavour, size=size, seed=seed, steps=steps)
-            _write_demo(data, f"demo_{number}", demo, flavour)
+            write_demo(data, f"demo_{number}", demo, flavour)
             total += len(demo.arrays["actions"])
         if flavour == "raw":
             _suite_attrs(data, task, size, len(numbers), total)
