@@ -226,10 +226,14 @@ class Processor:
 
     def image_codes(self, images: list[np.ndarray]) -> np.ndarray:
         """Raw frames -> codebook indices (n, h, w), oriented, resized and encoded as training."""
-        from stages.vq import encode, preprocess
+        from stages.fit import fit_vla
+        from stages.vq import encode, normalize_pixels, preprocess
         frames = np.stack([orient(img, self.card.orientation) for img in images])
-        return encode(self.vq, preprocess(frames, self.card.resolution),
-                      precision=self.precision).numpy()
+        if self.card.raw.get("fit") == "published":      # compat=published: the VLA fitting
+            pixels = normalize_pixels(np.stack([fit_vla(f, self.card.resolution) for f in frames]))
+        else:
+            pixels = preprocess(frames, self.card.resolution)
+        return encode(self.vq, pixels, precision=self.precision).numpy()
 
     def prompt_tokens(self, instruction: str, state, front, wrist, prev_front=None,
                       prev_wrist=None) -> np.ndarray:
