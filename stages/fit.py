@@ -80,7 +80,7 @@ def fit_image(img: np.ndarray, target: int, key: tuple = ()) -> np.ndarray:
     scale = max(cw / pil.width, ch / pil.height)
     pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), resample=Image.BICUBIC)
     left, top = offset((pil.width - cw, pil.height - ch), key)
-    return np.asarray(pil.crop((left, top, left + cw, top + ch)))
+    return np.array(pil.crop((left, top, left + cw, top + ch)))   # writable
 
 
 def fit_vla(img: np.ndarray, target: int) -> np.ndarray:

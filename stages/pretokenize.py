@@ -139,7 +139,9 @@ def input_digest(ctx: Context) -> dict[str, str]:
 def estimate(ctx: Context) -> dict[str, int]:
     rows = read_json(ctx.inputs["filter"] / "episodes.json")["episodes"]
     frames = sum(int(r["n_kept"]) for r in rows)
-    return {"episodes": len(rows), "frames": frames, "images": frames * len(VIEWS)}
+    jobs = compat_jobs([Job(r["id"], None, np.zeros(int(r["n_kept"]), np.int64)) for r in rows],
+                       ctx.inputs["filter"], ctx.cfg)
+    return {"episodes": len(rows), "frames": frames, "images": sum(j.images for j in jobs)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,12 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def split_samples(shards: Path, split: str) -> int:
+    """Samples of `split` in the shard set, from its manifest totals."""
+    totals = read_json(shards / "manifest.json")["totals"]
+    return sum(int(t.get("splits", {}).get(split, 0)) for t in totals.values())
+
+
 def training_split(cfg: TrainConfig, shards: Path) -> str:
     """`train_split`, with "auto" read from the shard manifest (compat=published: "all")."""
     if cfg.train_split != "auto":
@@ -169,7 +175,10 @@ class Terms:
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, shards: Path, cfg: TrainConfig, device: torch.device,
              rank: int, world: int) -> dict[str, float]:
-    """Mean loss terms over `eval_batches` batches of the held-out split (all ranks)."""
+    """Mean loss terms over `eval_batches` batches of the held-out split (all ranks); none when
+    the shard set holds no held-out sample (compat=published: LeRobot has no split)."""
+    if not split_samples(shards, "val"):
+        return {}
     net.eval()
     terms = Terms()
     with ShardReader(shards, batch_size=cfg.batch_size, split="val", seed=cfg.seed, rank=rank,

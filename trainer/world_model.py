@@ -202,9 +202,17 @@ def imagine(policy, front: np.ndarray, wrist: np.ndarray, action: np.ndarray, *,
         bins = np.repeat(bins, steps, axis=0)
     if len(bins) != steps:
         raise WorldModelError(f"{len(bins)} actions given for steps={steps}")
-    codes = policy.processor.image_codes([check_image(front, "front"),
-                                          check_image(wrist, "wrist")])
-    pred, responses = imagine_codes(policy, codes, bins, temperature=temperature, seed=seed)
+    square = not policy.card.published_fit
+    codes = policy.processor.wm_image_codes([check_image(front, "front", square),
+                                             check_image(wrist, "wrist", square)])
+    if wm_layout(policy)[1] == 2:
+        pred, responses = imagine_codes(policy, np.stack(codes), bins, temperature=temperature,
+                                        seed=seed)
+    else:                       # published SO100: each camera is its own world-model stream
+        runs = [imagine_codes(policy, c[None], bins, temperature=temperature, seed=seed)
+                for c in codes]
+        pred = np.concatenate([r[0] for r in runs], axis=1)
+        responses = [r for run in runs for r in run[1]]
     result = Imagined(pred, decode_codes(policy, pred), responses)
     if out is not None:
         result.files = write_frames(result.images, Path(out))
@@ -258,6 +266,8 @@ def pick_trajectory(policy, shards: str | Path, steps: int, episode: str | None 
     groups = wm_samples_by_episode(shards, split)
     if not groups:
         split, groups = "train", wm_samples_by_episode(shards, "train")
+    if wm_layout(policy)[1] == 1:       # published SO100: the front stream (even steps)
+        groups = {e: v[::2] for e, v in groups.items()}
     if episode is not None and episode not in groups:
         raise WorldModelError(f"episode {episode!r} has no {split} world-model samples; "
                               f"choose one of {sorted(groups)[:5]}")
@@ -310,10 +320,11 @@ def rollout(policy, shards: str | Path, *, steps: int = 8, out: str | Path,
 
 
 def strip_image(pred: np.ndarray, truth: np.ndarray, gap: int = 2) -> np.ndarray:
-    """Rows: pred front, true front, pred wrist, true wrist; one column per step."""
-    steps, _, h, w, _ = pred.shape
-    canvas = np.full((4 * h + 3 * gap, steps * w + (steps - 1) * gap, 3), 255, np.uint8)
-    rows = [pred[:, 0], truth[:, 0], pred[:, 1], truth[:, 1]]
+    """Rows: pred front, true front, pred wrist, true wrist (per view); one column per step."""
+    steps, views, h, w, _ = pred.shape
+    rows = [x[:, v] for v in range(views) for x in (pred, truth)]
+    canvas = np.full((len(rows) * h + (len(rows) - 1) * gap, steps * w + (steps - 1) * gap, 3),
+                     255, np.uint8)
     for r, row in enumerate(rows):
         for c in range(steps):
             canvas[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = row[c]
