@@ -116,6 +116,9 @@ def image_labels(meta: dict[str, Any], n: int) -> list[str]:
     if meta["kind"] == "vla":
         first = j - n // 2 + 1
         return [f"{v} t={t}" for t in range(first, j + 1) for v in ("front", "wrist")]
+    if n == 2:       # compat=published SO100: one camera, step = 2 * valid frame + view
+        view = ("front", "wrist")[j % 2]
+        return [f"{view} (valid frame {j // 2})", f"next {view} (valid frame {j // 2 + 1})"]
     return [f"front t={j}", f"wrist t={j}", f"next front t={j + 1}", f"next wrist t={j + 1}"]
 
 

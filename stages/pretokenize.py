@@ -481,7 +481,7 @@ def run(ctx: Context) -> Result:
     ctx.log(f"pretokenize: encodes {timing.encodes}, unique (frame, view) pairs "
             f"{store['unique_pairs']}, encoder waited {timing.wait_s:.1f} s of "
             f"{timing.wait_s + timing.encode_s:.1f} s")
-    counts = {"episodes": len(jobs), "frames": store["frames"], "unique_pairs": store["unique_pairs"],
+    counts = {"episodes": len(store["episodes"]), "frames": store["frames"], "unique_pairs": store["unique_pairs"],
               "encodes": timing.encodes, "resumed_episodes": int(resumed)}
     extra = {"untrained_tokenizer": handle.untrained, "vq_digest": handle.digest,
              "encoder": {"encode_s": round(timing.encode_s, 3), "wait_s": round(timing.wait_s, 3)},

@@ -224,3 +224,40 @@ def test_default_refuses_non_square_and_degenerate_frames(tmp_path, h, w, what):
     published = apply_overrides(cfg, ["compat=published"])
     if what == "not square":
         filter_stage.check_image_size(ep, published, "libero")   # the published fitting takes it
+
+
+# ---------------------------------------------------------------------------------------------
+# LeRobot: no no-op filter; float32 relative arithmetic.
+# ---------------------------------------------------------------------------------------------
+
+def test_lerobot_gets_no_noop_filter_under_compat(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from pipeline.episode import Episode, EpisodeRef
+    from stages import filter as filter_stage
+    actions = np.zeros((5, 6))                       # every step a no-op by the project's rule
+    actions[2] = 1.0
+    ref = EpisodeRef(source="data/chunk-000/episode_000000.parquet", key="episode_000000",
+                     task="pick", length=5)
+    ep = Episode(ref=ref, instruction="pick", actions=actions, states=np.zeros((5, 6)),
+                 obs_after_action=False, load_frames=lambda v, r: None, image_size=(480, 640))
+    monkeypatch.setattr(filter_stage.source, "load", lambda root, r, cfg: ep)
+    kept = {}
+    for compat in ("none", "published"):
+        cfg = apply_overrides(recipe("so100"), [f"compat={compat}"])
+        ctx = SimpleNamespace(cfg=cfg, out=tmp_path / compat)
+        kept[compat] = filter_stage.process(tmp_path, ref, ctx, "lerobot")["n_kept"]
+    # project rule: steps 0, 1 dropped (nothing kept yet, norm 0), 2 kept (moves), 3 kept (its
+    # gripper 0 differs from the kept gripper 1), 4 dropped (still, gripper as step 3)
+    assert kept == {"none": 2, "published": 5}
+
+
+def test_relative_actions_in_float32_under_compat():
+    from pipeline.actions import relative_chunk
+    actions = np.array([[0.1 + 1e-9, 0.7]])
+    states = np.array([[0.1, 0.0]])
+    f64 = relative_chunk(actions, states, 0, 1, (0,))
+    f32 = relative_chunk(actions, states, 0, 1, (0,), np.float32)
+    assert f64[0, 0] == pytest.approx(1e-9, rel=1e-6)
+    assert f32[0, 0] == float(np.float32(0.1 + 1e-9) - np.float32(0.1)) == 0.0
+    assert f32[0, 1] == float(np.float32(0.7))                # absolute dims pass through float32

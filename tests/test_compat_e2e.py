@@ -73,7 +73,7 @@ def test_lerobot_640_by_480(tmp_path):
     # 640 x 480 at 128: world-model crop 128 x 96 -> 6 rows x 8 cols of codes
     assert manifest["images"]["wm_grids"] == [[6, 8]]
     assert manifest["conv"]["wm_views"] == "per_camera"
-    assert manifest["drops"]["vla"].get("noop") is None
+    assert set(manifest["splits"]["published"].values()) == {"train"}     # LeRobot: no split
     state = tmp_path / "state.npy"
     np.save(state, np.zeros(6))
     front, wrist = (_frame(tmp_path / f"{v}.npy", 480, 640, i) for i, v in enumerate("fw"))
