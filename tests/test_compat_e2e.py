@@ -93,3 +93,7 @@ def test_lerobot_640_by_480(tmp_path):
                      out=tmp_path / "imagined")
     assert result.codes.shape == (1, 2, 6, 8) and result.images.shape == (1, 2, 96, 128, 3)
     assert len(result.files) == 2
+    report = tmp_path / "eval"
+    _run("eval", "--checkpoint", ckpt, "--shards", shards, "-o", report, "--max-samples", "4",
+         "--max-discrete", "1", "--max-generate", "2")
+    assert (report / "wm_examples.png").exists()
