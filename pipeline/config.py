@@ -107,6 +107,9 @@ class ImageConfig:
     precision: Literal["fp32", "bf16-mixed"] = "fp32"
     device: str = "auto"
     workers: int = 1
+    # compat=published: seed of the world-model crop offset, the one random step of the published
+    # image fitting (here a hash of seed, episode, frame row and view: reproducible).
+    crop_seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.resolution % 32 == 0 and self.resolution > 0, "image.resolution",
@@ -154,11 +157,19 @@ class ShardConfig:
         _check(self.max_shard_samples >= 1, "shard.max_shard_samples", "must be >= 1")
 
 
+COMPAT = ("none", "published")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Everything the data pipeline reads. Each stage declares which fields it depends on."""
 
     recipe: str = "base"
+    # "published": shards equal to what the published scripts make from the same frames and codes
+    # (prompt from the file name, the published split rule, image fitting, SO100 world-model
+    # samples, static rule, float32 relative actions, no LeRobot no-op filter). README,
+    # "Deliberate differences", lists each difference this switch restores.
+    compat: Literal["none", "published"] = "none"
     suite: str = ""  # sub-directory of the data root holding the suite's files ("" = the root)
     source: SourceConfig = field(default_factory=SourceConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -318,15 +329,21 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Fields added after outputs were published: left out of stage keys and manifests while they hold
+# this value, so outputs made before they existed keep their keys and bytes.
+OMITTED_AT = {"compat": "none", "image.crop_seed": 0}
+
+
 def select(cfg: RunConfig, patterns: tuple[str, ...]) -> dict[str, Any]:
     """The config fields a stage reads: exact names or group prefixes ("conv.*")."""
     if isinstance(cfg, ConfigView):
         return cfg.select(patterns)
-    flat = flatten(cfg)
+    flat = {k: v for k, v in flatten(cfg).items()
+            if k not in OMITTED_AT or v != OMITTED_AT[k]}
     out = {}
     for pat in patterns:
         hits = {k: v for k, v in flat.items() if declared(k, (pat,))}
-        if not hits:
+        if not hits and pat not in OMITTED_AT:
             raise ConfigError(f"stage field {pat!r} matches no config option")
         out.update(hits)
     return dict(sorted(out.items()))

@@ -58,3 +58,54 @@ def assign_splits(episodes: list[tuple[str, str]], val_task_fraction: float,
         val = set(ids) if task in held else val_episodes(task, ids, val_episode_fraction, seed)
         out.update({e: VAL if e in val else TRAIN for e in ids})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The published rule (compat=published, SPEC.md 6).
+# ---------------------------------------------------------------------------------------------
+
+VAL_IND, VAL_OOD = "val_ind", "val_ood"
+
+
+def trajectory_folder(episode_key: str) -> str:
+    """`trj_<demo number>`, the published per-trajectory folder name (`demo_10` -> `trj_10`)."""
+    digits = "".join(ch for ch in episode_key.rsplit("_", 1)[-1] if ch.isdigit())
+    return f"trj_{digits or episode_key}"
+
+
+def published_splits(episodes: list[tuple[str, str, str]]) -> dict[str, str]:
+    """{episode_id: "train" | "val_ind" | "val_ood"} for (task, episode_id, episode_key) triples.
+
+    Tasks sorted by name, the first ceil(0.9 n) in-distribution, the rest val_ood; inside a task
+    the `trj_<n>` folder names sorted as STRINGS (trj_10 before trj_2), the first ceil(0.9 n)
+    train, the rest val_ind. The joint training set is all three.
+    """
+    by_task: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for task, episode_id, key in episodes:
+        by_task[task].append((trajectory_folder(key), episode_id))
+    tasks = sorted(by_task)
+    n_ind = math.ceil(0.9 * len(tasks))
+    out: dict[str, str] = {}
+    for i, task in enumerate(tasks):
+        trajs = sorted(by_task[task])
+        n_train = math.ceil(0.9 * len(trajs))
+        for j, (_, episode_id) in enumerate(trajs):
+            out[episode_id] = VAL_OOD if i >= n_ind else TRAIN if j < n_train else VAL_IND
+    return out
+
+
+def coarse(split: str) -> str:
+    """The sample split label of a published split: train stays train, val_ind/val_ood are val."""
+    return TRAIN if split == TRAIN else VAL
+
+
+def episode_splits(rows: list[dict], cfg, fmt: str) -> dict[str, str]:
+    """{episode id: split} of the filter's `episodes.json` rows under the run config: the
+    project's rule by default; with compat=published the published rule for LIBERO (train,
+    val_ind, val_ood) and no split at all for LeRobot (every episode train, SPEC.md 1.2)."""
+    if cfg.compat != "published":
+        return assign_splits([(r["task"], r["id"]) for r in rows], cfg.split.val_task_fraction,
+                             cfg.split.val_episode_fraction, cfg.split.seed)
+    if fmt == "lerobot":
+        return {r["id"]: TRAIN for r in rows}
+    return published_splits([(r["task"], r["id"], r["key"]) for r in rows])

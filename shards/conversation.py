@@ -16,6 +16,12 @@ response and its final SEP: one half-open span `[len(BOS + human + SEP), len(seq
   `pipeline.actions.relative_chunk(actions, states, j, K, dims)`; the world-model action a_j is the
   first row of the same transform (relative to state j), so one stats artifact serves both.
   With `conv.drop_static_chunks`, VLA steps whose chunk is static are dropped and counted.
+- `Rules` (compat=published, SPEC.md 1.2): the published static rule (`sum |chunk| == 0` over the
+  tokenized chunk, see `pipeline.actions.is_published_static`), float32 relative arithmetic, and
+  per-camera world-model samples: over the VALID frames only (the VLA steps kept: a full chunk left
+  and not static), renumbered, a front-only `[front_v] + a_v -> [front_next_v]` then a wrist-only
+  sample for each valid frame but the last. World-model image blocks may differ from the VLA ones
+  (`EpisodeTokens.wm_images`: the published world-model fitting keeps the aspect ratio).
 - A sequence longer than `conv.max_seq_len` raises (`too_long="error"`) or is dropped and counted
   (`"drop"`); never truncated.
 
@@ -27,12 +33,12 @@ response and its final SEP: one half-open span `[len(BOS + human + SEP), len(seq
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
-from pipeline.actions import is_static_chunk, relative_chunk
+from pipeline.actions import is_published_static, is_static_chunk, relative_chunk
 from pipeline.config import ConvConfig
 from pipeline.errors import DataError
 from shards import vocab
@@ -54,17 +60,30 @@ class Codec:
     action_max: np.ndarray
     num_bins: int = vocab.NUM_BINS
     relative_dims: tuple[int, ...] = ()
+    relative_dtype: type = np.float64     # float32: the published arithmetic (compat)
 
     @classmethod
-    def from_stats(cls, stats: Stats, num_bins: int, relative_dims: tuple[int, ...]) -> "Codec":
+    def from_stats(cls, stats: Stats, num_bins: int, relative_dims: tuple[int, ...],
+                   relative_dtype: type = np.float64) -> "Codec":
         return cls(stats.state.min, stats.state.max, stats.action.min, stats.action.max,
-                   num_bins, tuple(relative_dims))
+                   num_bins, tuple(relative_dims), relative_dtype)
 
     def state_bins(self, states: np.ndarray) -> np.ndarray:
         return to_bins(normalize(states, self.state_min, self.state_max), self.num_bins)
 
     def action_norm(self, actions: np.ndarray) -> np.ndarray:
         return normalize(actions, self.action_min, self.action_max)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rules:
+    """Sample rules that differ from the project's defaults under compat=published."""
+
+    published_static: bool = False      # sum |chunk| == 0 instead of conv.static_threshold
+    per_camera_wm: bool = False         # SO100: front-only and wrist-only world-model samples
+
+
+DEFAULT_RULES = Rules()
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,11 @@ class EpisodeTokens:
     state_blocks: np.ndarray    # (T, S + 2)
     actions: np.ndarray         # (T, D) raw actions
     states: np.ndarray          # (T, S) raw states
+    wm_images: np.ndarray | None = field(default=None)  # world-model blocks when they differ
+
+    @property
+    def wm_blocks(self) -> np.ndarray:
+        return self.images if self.wm_images is None else self.wm_images
 
     @property
     def steps(self) -> int:
@@ -144,11 +168,16 @@ def vla_prompt_text(instruction: str) -> str:
 
 
 def episode_tokens(episode: str, instruction: str, codes: np.ndarray, actions: np.ndarray,
-                   states: np.ndarray, tokenizer, codec: Codec) -> EpisodeTokens:
-    """Tokenize what every sample of an episode shares. codes: (T, 2, h, w) codebook indices."""
+                   states: np.ndarray, tokenizer, codec: Codec,
+                   wm_codes: np.ndarray | None = None) -> EpisodeTokens:
+    """Tokenize what every sample of an episode shares. codes: (T, 2, h, w) codebook indices;
+    wm_codes: the world-model codes (T, 2, h', w') when they differ (published fitting)."""
     if not len(codes) == len(actions) == len(states):
         raise DataError(f"codes ({len(codes)}), actions ({len(actions)}) and states "
                         f"({len(states)}) differ in length", episode=episode)
+    if wm_codes is not None and len(wm_codes) != len(codes):
+        raise DataError(f"world-model codes ({len(wm_codes)}) and codes ({len(codes)}) differ in "
+                        "length", episode=episode)
     states_bins = codec.state_bins(states)
     return EpisodeTokens(
         episode=episode, instruction=instruction,
@@ -156,17 +185,26 @@ def episode_tokens(episode: str, instruction: str, codes: np.ndarray, actions: n
         wm_prompt=np.asarray(tokenizer.encode(vocab.WM_PROMPT), np.int64),
         images=image_blocks(codes, tokenizer.image_code_to_id),
         state_blocks=np.stack([vocab.state_block(b) for b in states_bins]),
-        actions=np.asarray(actions, np.float64), states=np.asarray(states, np.float64))
+        actions=np.asarray(actions, np.float64), states=np.asarray(states, np.float64),
+        wm_images=None if wm_codes is None else image_blocks(wm_codes,
+                                                             tokenizer.image_code_to_id))
 
 
 def action_chunk(ep: EpisodeTokens, codec: Codec, j: int, k: int) -> np.ndarray:
     """Normalized (k, D) action chunk a_j .. a_{j+k-1} (relative dims applied), in [-1, 1]."""
-    return codec.action_norm(relative_chunk(ep.actions, ep.states, j, k, codec.relative_dims))
+    return codec.action_norm(raw_chunk(ep, codec, j, k))
 
 
-def frames(ep: EpisodeTokens, first: int, last: int) -> list[np.ndarray]:
-    """Image blocks [front_i, wrist_i] for i = first .. last."""
-    return [ep.images[i, v] for i in range(first, last + 1) for v in range(ep.images.shape[1])]
+def raw_chunk(ep: EpisodeTokens, codec: Codec, j: int, k: int) -> np.ndarray:
+    """(k, D) actions a_j .. a_{j+k-1} in robot units, relative dims applied."""
+    return relative_chunk(ep.actions, ep.states, j, k, codec.relative_dims, codec.relative_dtype)
+
+
+def frames(ep: EpisodeTokens, first: int, last: int, blocks: np.ndarray | None = None
+           ) -> list[np.ndarray]:
+    """Image blocks [front_i, wrist_i] for i = first .. last (of `blocks`, default the VLA ones)."""
+    blocks = ep.images if blocks is None else blocks
+    return [blocks[i, v] for i in range(first, last + 1) for v in range(blocks.shape[1])]
 
 
 def vla_sample(ep: EpisodeTokens, codec: Codec, j: int, history: int, chunk: int) -> ConvSample:
@@ -182,9 +220,21 @@ def wm_sample(ep: EpisodeTokens, codec: Codec, j: int) -> ConvSample:
     if j + 1 >= ep.steps:
         raise ValueError(f"step {j} has no next frame (T={ep.steps})")
     action = to_bins(action_chunk(ep, codec, j, 1), codec.num_bins)
-    tokens, targets = assemble([ep.wm_prompt, *frames(ep, j, j), action_blocks(action)],
-                               frames(ep, j + 1, j + 1))
+    blocks = ep.wm_blocks
+    tokens, targets = assemble([ep.wm_prompt, *frames(ep, j, j, blocks), action_blocks(action)],
+                               frames(ep, j + 1, j + 1, blocks))
     return ConvSample(WM, ep.episode, j, tokens, targets)
+
+
+def camera_wm_sample(ep: EpisodeTokens, codec: Codec, j: int, nxt: int, view: int,
+                     number: int) -> ConvSample:
+    """Published SO100 world-model sample of one camera: [view_j] + a_j -> [view_nxt]. Its step
+    is `number` = 2 * (valid-frame index) + view (front even, wrist odd): keys stay unique."""
+    action = to_bins(action_chunk(ep, codec, j, 1), codec.num_bins)
+    blocks = ep.wm_blocks
+    tokens, targets = assemble([ep.wm_prompt, blocks[j, view], action_blocks(action)],
+                               [blocks[nxt, view]])
+    return ConvSample(WM, ep.episode, number, tokens, targets)
 
 
 def check_length(sample: ConvSample, conv: ConvConfig, drops: Counter) -> bool:
@@ -200,30 +250,54 @@ def check_length(sample: ConvSample, conv: ConvConfig, drops: Counter) -> bool:
     return False
 
 
-def vla_samples(ep: EpisodeTokens, codec: Codec, conv: ConvConfig,
-                drops: Counter) -> Iterator[ConvSample]:
+def is_static(ep: EpisodeTokens, codec: Codec, conv: ConvConfig, rules: Rules, j: int) -> bool:
+    if not conv.drop_static_chunks:
+        return False
+    if rules.published_static:
+        return is_published_static(raw_chunk(ep, codec, j, conv.chunk))
+    return is_static_chunk(ep.actions, ep.states, j, conv.chunk, conv.static_threshold)
+
+
+def valid_steps(ep: EpisodeTokens, codec: Codec, conv: ConvConfig, rules: Rules,
+                drops: Counter | None = None) -> list[int]:
+    """VLA steps with a full chunk left that are not static (drops counted when given)."""
+    out = []
     for j in range(ep.steps - conv.chunk + 1):
-        if conv.drop_static_chunks and is_static_chunk(ep.actions, ep.states, j, conv.chunk,
-                                                       conv.static_threshold):
-            drops[(VLA, STATIC_CHUNK)] += 1
+        if is_static(ep, codec, conv, rules, j):
+            if drops is not None:
+                drops[(VLA, STATIC_CHUNK)] += 1
             continue
+        out.append(j)
+    return out
+
+
+def vla_samples(ep: EpisodeTokens, codec: Codec, conv: ConvConfig,
+                drops: Counter, rules: Rules = DEFAULT_RULES) -> Iterator[ConvSample]:
+    for j in valid_steps(ep, codec, conv, rules, drops):
         sample = vla_sample(ep, codec, j, conv.history, conv.chunk)
         if check_length(sample, conv, drops):
             yield sample
 
 
 def wm_samples(ep: EpisodeTokens, codec: Codec, conv: ConvConfig,
-               drops: Counter) -> Iterator[ConvSample]:
-    for j in range(ep.steps - 1):
-        sample = wm_sample(ep, codec, j)
+               drops: Counter, rules: Rules = DEFAULT_RULES) -> Iterator[ConvSample]:
+    if rules.per_camera_wm:
+        valid = valid_steps(ep, codec, conv, rules)
+        views = ep.wm_blocks.shape[1]
+        pairs = [(j, nxt, view, i * views + view)
+                 for i, (j, nxt) in enumerate(zip(valid, valid[1:])) for view in range(views)]
+        candidates = (camera_wm_sample(ep, codec, *pair) for pair in pairs)
+    else:
+        candidates = (wm_sample(ep, codec, j) for j in range(ep.steps - 1))
+    for sample in candidates:
         if check_length(sample, conv, drops):
             yield sample
 
 
 def episode_samples(ep: EpisodeTokens, codec: Codec, conv: ConvConfig,
-                    drops: Counter) -> Iterator[ConvSample]:
+                    drops: Counter, rules: Rules = DEFAULT_RULES) -> Iterator[ConvSample]:
     """Every enabled sample of an episode: VLA steps in order, then world-model steps."""
     if conv.vla:
-        yield from vla_samples(ep, codec, conv, drops)
+        yield from vla_samples(ep, codec, conv, drops, rules)
     if conv.world_model:
-        yield from wm_samples(ep, codec, conv, drops)
+        yield from wm_samples(ep, codec, conv, drops, rules)

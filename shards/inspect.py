@@ -82,13 +82,15 @@ def load_decoder(manifest: dict[str, Any], vq_path: str | None) -> tuple[Any, st
     return handle, note
 
 
-def image_codes(tokens: np.ndarray, segs: list, tok: TextTokenizer | None, side: int
+def image_codes(tokens: np.ndarray, segs: list, tok: TextTokenizer | None
                 ) -> list[np.ndarray]:
-    """Codebook grids (side, side) of every image block (token ids when the map is unknown)."""
+    """Codebook grids (rows, cols) of every image block, the shape read from its grid tokens
+    (non-square under the published fitting); token ids when the map is unknown."""
     out = []
     for kind, s, e in segs:
         if kind == "image":
-            ids = tokens[s + 3:e - 1].reshape(side, side + 1)[:, :-1].astype(np.int64)
+            h, w = vocab.block_grid(tokens[s + 1], tokens[s + 2])
+            ids = tokens[s + 3:e - 1].reshape(h, w + 1)[:, :-1].astype(np.int64)
             out.append(tok.id_to_image_code[ids] if tok is not None else ids)
     return out
 
@@ -98,7 +100,9 @@ def decode_images(grids: list[np.ndarray], handle, mapped: bool) -> list[np.ndar
         return None
     from shards.vq_decoder import DecoderError, decode
     try:
-        return list(decode(handle, np.stack(grids)))
+        if len({g.shape for g in grids}) == 1:
+            return list(decode(handle, np.stack(grids)))
+        return [decode(handle, g[None])[0] for g in grids]
     except DecoderError:
         return None
 
@@ -112,6 +116,9 @@ def image_labels(meta: dict[str, Any], n: int) -> list[str]:
     if meta["kind"] == "vla":
         first = j - n // 2 + 1
         return [f"{v} t={t}" for t in range(first, j + 1) for v in ("front", "wrist")]
+    if n == 2:       # compat=published SO100: one camera, step = 2 * valid frame + view
+        view = ("front", "wrist")[j % 2]
+        return [f"{view} (valid frame {j // 2})", f"next {view} (valid frame {j // 2 + 1})"]
     return [f"front t={j}", f"wrist t={j}", f"next front t={j + 1}", f"next wrist t={j + 1}"]
 
 
@@ -195,7 +202,7 @@ def inspect(directory: str | Path, out_png: str | Path, *, index: int = 0, kind:
     if problems:
         raise DataError(f"sample {sample['key']} does not parse: {problems[0]}", file=str(root))
     tok = manifest_tokenizer(manifest)
-    grids = image_codes(tokens, segs, tok, lay.side)
+    grids = image_codes(tokens, segs, tok)
     handle, note = load_decoder(manifest, vq_path)
     pictures = decode_images(grids, handle, tok is not None)
     if pictures is None:

@@ -57,24 +57,33 @@ class Layout:
     history: int
     chunk: int
     num_bins: int
+    wm_grids: tuple[tuple[int, int], ...] = ()   # non-square world-model code grids (published fit)
+    per_camera_wm: bool = False                  # one image per world-model turn (published SO100)
 
     @classmethod
     def from_manifest(cls, m: dict[str, Any]) -> "Layout":
         c = m["conv"]
         return cls(side=int(m["vocab"]["codes_per_side"]), action_dim=int(c["action_dim"]),
                    state_dim=int(c["state_dim"]), history=int(c["history"]),
-                   chunk=int(c["chunk"]), num_bins=int(c["num_bins"]))
+                   chunk=int(c["chunk"]), num_bins=int(c["num_bins"]),
+                   wm_grids=tuple(tuple(g) for g in m.get("images", {}).get("wm_grids", [])),
+                   per_camera_wm=c.get("wm_views") == "per_camera")
+
+    def grids(self) -> set[tuple[int, int]]:
+        return {(self.side, self.side), *self.wm_grids}
 
 
 # ---------------------------------------------------------------------------------------------
 # Token layout (pure).
 # ---------------------------------------------------------------------------------------------
 
-def image_block_problems(block: np.ndarray, side: int) -> list[str]:
-    grid = vocab.grid_token(side * vocab.VQ_DOWNSAMPLE)
-    if block[1] != grid or block[2] != grid:
-        return [f"image grid tokens {block[1:3].tolist()} != {grid}"]
-    rows = block[3:-1].reshape(side, side + 1)
+def image_block_problems(block: np.ndarray, grids: set[tuple[int, int]]) -> list[str]:
+    h, w = vocab.block_grid(block[1], block[2])
+    if (h, w) not in grids:
+        allowed = sorted((vocab.grid_token(a * vocab.VQ_DOWNSAMPLE),
+                          vocab.grid_token(b * vocab.VQ_DOWNSAMPLE)) for a, b in grids)
+        return [f"image grid tokens {block[1:3].tolist()} not in {[list(g) for g in allowed]}"]
+    rows = block[3:-1].reshape(h, w + 1)
     if (rows[:, -1] != vocab.IMAGE_ROW_END).any():
         return ["image row not closed by the row-end token"]
     if not vocab.is_image_code(rows[:, :-1]).all():
@@ -91,8 +100,7 @@ def bin_block_problems(block: np.ndarray, base: int, num_bins: int, what: str) -
 
 def segments(tokens: np.ndarray, lay: Layout) -> tuple[list[tuple[str, int, int]], list[str]]:
     """[(segment kind, start, end)] after BOS, and layout problems found while parsing."""
-    blocks = {vocab.IMAGE_START: ("image", vocab.image_block_len(lay.side * vocab.VQ_DOWNSAMPLE),
-                                  vocab.IMAGE_END),
+    blocks = {vocab.IMAGE_START: ("image", 0, vocab.IMAGE_END),  # length from its grid tokens
               vocab.ACTION_START: ("action", lay.action_dim + 2, vocab.ACTION_END),
               vocab.STATE_START: ("state", lay.state_dim + 2, vocab.STATE_END)}
     segs: list[tuple[str, int, int]] = []
@@ -101,6 +109,8 @@ def segments(tokens: np.ndarray, lay: Layout) -> tuple[list[tuple[str, int, int]
         t = int(tokens[i])
         if t in blocks:
             kind, length, end = blocks[t]
+            if kind == "image":
+                length = image_length(tokens, i)
             if i + length > n or tokens[i + length - 1] != end:
                 return segs, [f"{kind} block at {i} is not {length} tokens closed by {end}"]
             segs.append((kind, i, i + length))
@@ -117,13 +127,24 @@ def segments(tokens: np.ndarray, lay: Layout) -> tuple[list[tuple[str, int, int]
     return segs, []
 
 
+def image_length(tokens: np.ndarray, i: int) -> int:
+    """Length of the image block starting at i, read from its grid tokens (0 when unreadable)."""
+    if i + 2 >= len(tokens):
+        return 0
+    grid = tokens[i + 1:i + 3] - vocab.IMAGE_GRID_BASE
+    if (grid < 1).any() or (grid > 64).any():
+        return 0
+    h, w = vocab.block_grid(tokens[i + 1], tokens[i + 2])
+    return 3 + h * (w + 1) + 1
+
+
 def segment_problems(tokens: np.ndarray, segs: list[tuple[str, int, int]], lay: Layout
                      ) -> list[str]:
     out = []
     for kind, s, e in segs:
         block = tokens[s:e]
         if kind == "image":
-            out += image_block_problems(block, lay.side)
+            out += image_block_problems(block, lay.grids())
         elif kind == "action":
             out += bin_block_problems(block, vocab.ACTION_BIN_BASE, lay.num_bins, "action")
         elif kind == "state":
@@ -137,6 +158,8 @@ def expected_order(kind: str, step: int, lay: Layout) -> list[str]:
     if kind == VLA:
         frames = min(lay.history, step + 1)
         return ["text", "state", *["image"] * (2 * frames), "sep", *["action"] * lay.chunk, "sep"]
+    if lay.per_camera_wm:
+        return ["text", "image", "action", "sep", "image", "sep"]
     return ["text", "image", "image", "action", "sep", "image", "image", "sep"]
 
 

@@ -54,6 +54,12 @@ def image_block_len(side_px: int) -> int:
     return 3 + n * (n + 1) + 1
 
 
+def block_grid(height_token: int, width_token: int) -> tuple[int, int]:
+    """(rows, cols) of VQ codes of an image block from its two grid tokens (8804 + side/32)."""
+    per = PATCH_PX // VQ_DOWNSAMPLE
+    return (int(height_token) - IMAGE_GRID_BASE) * per, (int(width_token) - IMAGE_GRID_BASE) * per
+
+
 def action_block(bins: np.ndarray) -> np.ndarray:
     """bins: (D,) ints in 1..256 -> [ACTION_START, ACTION_BIN_BASE + d..., ACTION_END]."""
     return _block(bins, ACTION_START, ACTION_BIN_BASE, ACTION_END)

@@ -335,7 +335,12 @@ def preprocess(frames: np.ndarray, resolution: int) -> torch.Tensor:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise DataError(f"frames must be uint8 (N, H, W, 3), got {frames.dtype} {frames.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(resize_uint8(frames, resolution)))
+    return normalize_pixels(resize_uint8(frames, resolution))
+
+
+def normalize_pixels(frames: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8, already fitted (any H, W) -> float32 (N, 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames))
     x = x.permute(0, 3, 1, 2).float()
     return (x / 255 * 2 - 1).contiguous()
 

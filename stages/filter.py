@@ -6,6 +6,12 @@ only the norm test applies. SPEC.md 1.1: raw-release LIBERO files record obs[t] 
 so action t pairs with obs row t-1 and action 0 (no prior observation) is dropped; regenerated and
 LeRobot data pair action t with obs row t.
 
+Image sizes (LIBERO): without a fitting rule the project makes square images of square frames
+only, so a non-square frame (e.g. 128 x 96) or one under MIN_SIDE px is refused with one error
+naming file, episode and key, never silently stretched; compat=published fits any frame as the
+published processors do (shards.fit). With compat=published LeRobot data gets no no-op filter
+(SPEC.md 1.2).
+
 Output (docs/ARCHITECTURE.md): `episodes.json` and one deterministic `ep/<episode_id>.npz` per
 episode, written atomically, so a rerun after a crash reuses the episode files already written.
 
@@ -16,12 +22,13 @@ episode, written atomically, so a rerun after a crash reuses the episode files a
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import FilterConfig
+from pipeline.config import FilterConfig, RunConfig
 from pipeline.episode import Episode, EpisodeRef
 from pipeline.errors import DataError, StageError
 from pipeline.io import npz_bytes, write_bytes, write_json
@@ -29,6 +36,7 @@ from pipeline.runner import Context, Result, Stage
 from stages import source
 
 SCHEMA = 1
+MIN_SIDE = 16  # one VQ code: a smaller frame is degenerate
 NOOP = "noop"
 NO_PRIOR = "no_prior_observation"
 REASONS = (NOOP, NO_PRIOR)
@@ -159,10 +167,27 @@ def check_drop_fraction(counts: dict[str, Any], cfg: FilterConfig) -> None:
 # The stage.
 # ---------------------------------------------------------------------------------------------
 
-def process(root: Path, ref: EpisodeRef, ctx: Context) -> dict[str, Any]:
+def check_image_size(ep: Episode, cfg: RunConfig, fmt: str) -> None:
+    """Refuse degenerate LIBERO frames, and non-square ones unless compat=published fits them."""
+    if fmt != "libero":
+        return
+    h, w = ep.image_size
+    where = {"file": ep.ref.source, "episode": ep.ref.key, "key": f"obs/{cfg.source.front_camera}"}
+    if min(h, w) < MIN_SIDE:
+        raise DataError(f"{h} x {w} images are degenerate (a side under {MIN_SIDE} px)", **where)
+    if h != w and cfg.compat != "published":
+        raise DataError(f"{h} x {w} images are not square; the default preprocessing would have "
+                        "to stretch them: crop them square first, or use the published fitting "
+                        "(--set compat=published)", **where)
+
+
+def process(root: Path, ref: EpisodeRef, ctx: Context, fmt: str = "unknown") -> dict[str, Any]:
     """Filter one episode, write its npz unless a previous (crashed) run already did."""
     ep = source.load(root, ref, ctx.cfg.source)
-    arrays, dropped = filter_episode(ep, ctx.cfg.filter)
+    check_image_size(ep, ctx.cfg, fmt)
+    unfiltered = ctx.cfg.compat == "published" and fmt == "lerobot"
+    arrays, dropped = filter_episode(ep, replace(ctx.cfg.filter, enabled=False)
+                                     if unfiltered else ctx.cfg.filter)
     path = ctx.out / episode_file(ref)
     if not path.exists():  # written atomically and deterministically: an existing file is final
         write_bytes(path, npz_bytes(**arrays))
@@ -174,13 +199,13 @@ def run(ctx: Context) -> Result:
     if not refs:
         raise DataError(f"no episodes found under {ctx.raw}", file=str(ctx.raw))
     rows = []
+    fmt = source.format_name(ctx.raw, ctx.cfg.source)
     with ctx.progress(len(refs), "filter") as bar:
         for ref in refs:
-            rows.append(process(ctx.raw, ref, ctx))
+            rows.append(process(ctx.raw, ref, ctx, fmt))
             bar.advance()
     counts = summarize(rows)
     check_drop_fraction(counts, ctx.cfg.filter)
-    fmt = source.format_name(ctx.raw, ctx.cfg.source)
     write_json(ctx.out / "episodes.json", {"schema": SCHEMA, "format": fmt, "episodes": rows})
     return Result(counts=counts)
 
@@ -190,5 +215,5 @@ def estimate(ctx: Context) -> dict[str, int]:
     return {"episodes": len(refs), "steps": sum(r.length for r in refs)}
 
 
-STAGE = Stage(name="filter", version="1", fields=("source.*", "filter.*"), deps=("raw",),
+STAGE = Stage(name="filter", version="1", fields=("source.*", "filter.*", "compat"), deps=("raw",),
               run=run, estimate=estimate)

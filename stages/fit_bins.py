@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.actions import relative_chunk
+from pipeline.actions import relative_chunk, relative_dtype
 from pipeline.config import RunConfig
 from pipeline.errors import DataError, StageError
 from pipeline.io import load_npz, read_json
 from pipeline.runner import Context, Result, Stage
-from pipeline.splits import TRAIN, assign_splits
+from pipeline.splits import TRAIN, episode_splits
 from shards.bins import Accumulator, FieldStats, Stats, preset
 
 STATS = "stats.json"
@@ -33,10 +33,10 @@ STATS = "stats.json"
 # Pure helpers.
 # ---------------------------------------------------------------------------------------------
 
-def select_episodes(rows: list[dict[str, Any]], cfg: RunConfig) -> tuple[list[dict], dict]:
+def select_episodes(rows: list[dict[str, Any]], cfg: RunConfig,
+                    fmt: str = "unknown") -> tuple[list[dict], dict]:
     """(episodes to fit on, {episode id: split})."""
-    split = assign_splits([(r["task"], r["id"]) for r in rows], cfg.split.val_task_fraction,
-                          cfg.split.val_episode_fraction, cfg.split.seed)
+    split = episode_splits(rows, cfg, fmt)
     chosen = rows if cfg.bins.fit_on == "all" else [r for r in rows if split[r["id"]] == TRAIN]
     if not chosen:
         raise StageError(f"no episodes to fit stats on ({len(rows)} episodes, none in the training "
@@ -45,13 +45,13 @@ def select_episodes(rows: list[dict[str, Any]], cfg: RunConfig) -> tuple[list[di
 
 
 def action_rows(actions: np.ndarray, states: np.ndarray, k: int,
-                dims: tuple[int, ...]) -> np.ndarray:
+                dims: tuple[int, ...], dtype=np.float64) -> np.ndarray:
     """The action rows that get tokenized: the raw actions, or with relative dims every row of
     every relative chunk actions[t:t+k] (t + k <= T), shape (n_chunks * k, D)."""
     if not dims:
         return actions
     starts = range(len(actions) - k + 1)
-    chunks = [relative_chunk(actions, states, t, k, dims) for t in starts]
+    chunks = [relative_chunk(actions, states, t, k, dims, dtype) for t in starts]
     return np.concatenate(chunks) if chunks else actions[:0]
 
 
@@ -104,15 +104,17 @@ def accumulate(root: Path, rows: list[dict], cfg: RunConfig, ctx: Context
                 check_finite(data[key], key, where)
             check_relative_dims(dims, data["actions"], data["states"], where)
             states.add(data["states"])
-            actions.add(action_rows(data["actions"], data["states"], k, dims))
+            actions.add(action_rows(data["actions"], data["states"], k, dims,
+                                    relative_dtype(cfg)))
             bar.advance()
     return states, actions
 
 
 def fit_stats(root: Path, cfg: RunConfig, ctx: Context) -> tuple[Stats, dict[str, Any]]:
     """The stats artifact and the Result counts for the filter output at `root`."""
-    rows = read_json(root / "episodes.json")["episodes"]
-    chosen, split = select_episodes(rows, cfg)
+    doc = read_json(root / "episodes.json")
+    rows = doc["episodes"]
+    chosen, split = select_episodes(rows, cfg, doc.get("format", "unknown"))
     state_acc, action_acc = accumulate(root, chosen, cfg, ctx)
     dims = tuple(cfg.conv.relative_action_dims)
     if not action_acc.count:
@@ -138,5 +140,5 @@ def run(ctx: Context) -> Result:
 
 
 STAGE = Stage(name="fit-bins", version="1",
-              fields=("bins.*", "split.*", "conv.relative_action_dims", "conv.chunk"),
+              fields=("bins.*", "split.*", "conv.relative_action_dims", "conv.chunk", "compat"),
               deps=("filter",), run=run)

@@ -15,6 +15,12 @@ there are several) whose only shared output is `store.json`, written last. Under
 machines sharing the cache's file system, and rank 0 writes `store.json`. Episodes whose codes file already exists in `ctx.out` (a
 crashed run) are skipped, so a rerun encodes only unfinished episodes.
 
+With compat=published every frame is fitted as the published processors do (`shards.fit`):
+`codes/` holds the VLA fitting (square), and `codes_wm/<episode_id>.npy` the world-model fitting
+(aspect kept, e.g. (n_kept, 2, 14, 18) for 640 x 480 at 256) for episodes whose frames are not
+256 x 256 (for those the two fittings are the same pixels, encoded once); `store.json` then adds
+`fit` and `wm_grids` {episode: [rows, cols]}.
+
     rynn-pipe tokenize --raw demos --until pretokenize          # via the runner
     from stages.pretokenize import decode_store_episode         # codes back to pixels
 """
@@ -27,7 +33,7 @@ import queue
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -42,6 +48,7 @@ from pipeline.runner import Context, Result, Stage, raw_fingerprint
 SCHEMA = 1
 STORE = "store.json"
 CODES_DIR = "codes"
+WM_CODES_DIR = "codes_wm"
 PREFETCH = 4  # batches the loader may run ahead of the encoder
 # Reader entry point "module:function" (root, ref, SourceConfig) -> Episode; tests and the bench
 # point it at synthetic episodes (it must be importable in spawned worker processes).
@@ -55,10 +62,16 @@ class Job:
     id: str
     ref: EpisodeRef
     rows: np.ndarray  # obs_index, int64
+    fit: str = "square"                      # "square" (default), "vla" or "wm" (compat=published)
+    grid: tuple[int, int] | None = None      # (rows, cols) of codes when not the square side
 
     @property
     def images(self) -> int:
         return len(self.rows) * len(VIEWS)
+
+    @property
+    def file(self) -> str:
+        return wm_codes_file(self.id) if self.fit == "wm" else codes_file(self.id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +91,19 @@ def read_jobs(filter_dir: Path) -> list[Job]:
                             f"{row['n_kept']}", file=str(filter_dir / row["file"]), episode=row["id"])
         jobs.append(Job(id=row["id"], ref=ref, rows=rows))
     return jobs
+
+
+def compat_jobs(jobs: list[Job], filter_dir: Path, cfg: ConfigView) -> list[Job]:
+    """compat=published: every job with the VLA fitting, plus a world-model job for each episode
+    whose frames are not 256 x 256 (shards.fit.shares_fit)."""
+    from shards.fit import shares_fit, wm_grid
+    if cfg.compat != "published":
+        return jobs
+    rows = read_json(filter_dir / "episodes.json")["episodes"]
+    sizes = {r["id"]: tuple(r["image_hw"]) for r in rows}
+    wm = [replace(j, fit="wm", grid=wm_grid(*sizes[j.id], cfg.image.resolution))
+          for j in jobs if not shares_fit(*sizes[j.id])]
+    return [replace(j, fit="vla") for j in jobs] + wm
 
 
 _VQ_DIGESTS: dict[tuple, str] = {}
@@ -113,7 +139,9 @@ def input_digest(ctx: Context) -> dict[str, str]:
 def estimate(ctx: Context) -> dict[str, int]:
     rows = read_json(ctx.inputs["filter"] / "episodes.json")["episodes"]
     frames = sum(int(r["n_kept"]) for r in rows)
-    return {"episodes": len(rows), "frames": frames, "images": frames * len(VIEWS)}
+    jobs = compat_jobs([Job(r["id"], None, np.zeros(int(r["n_kept"]), np.int64)) for r in rows],
+                       ctx.inputs["filter"], ctx.cfg)
+    return {"episodes": len(rows), "frames": frames, "images": sum(j.images for j in jobs)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,17 +152,22 @@ def codes_file(episode_id: str) -> str:
     return f"{CODES_DIR}/{episode_id}.npy"
 
 
+def wm_codes_file(episode_id: str) -> str:
+    return f"{WM_CODES_DIR}/{episode_id}.npy"
+
+
 def grid_side(resolution: int, handle) -> int:
     return resolution // handle.grid
 
 
 def is_done(out: Path, job: Job, side: int) -> bool:
     """True when a complete codes file for the job is already in `out` (written atomically)."""
-    path = out / codes_file(job.id)
+    path = out / job.file
     if not path.exists():
         return False
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    return arr.dtype == np.uint16 and arr.shape == (len(job.rows), len(VIEWS), side, side)
+    return arr.dtype == np.uint16 and arr.shape == (len(job.rows), len(VIEWS), *(job.grid or
+                                                                               (side, side)))
 
 
 def resolve_loader(spec: str) -> Callable[..., Episode]:
@@ -164,13 +197,28 @@ class Batch:
     pixels: Any       # torch float (B, 3, R, R)
 
 
-def episode_batches(episode: Episode, job: Job, resolution: int, batch_size: int) -> Iterator[Batch]:
+def fitted_frames(frames: np.ndarray, job: Job, resolution: int, crop_seed: int) -> np.ndarray:
+    """compat=published: the job's frames through the published VLA or world-model fitting."""
+    from shards.fit import fit_vla, fit_wm
+    if job.fit == "vla":
+        return np.stack([fit_vla(f, resolution) for f in frames])
+    keys = [(crop_seed, job.id, int(job.rows[i // len(VIEWS)]), VIEWS[i % len(VIEWS)])
+            for i in range(len(frames))]
+    return np.stack([fit_wm(f, resolution, k) for f, k in zip(frames, keys)])
+
+
+def episode_batches(episode: Episode, job: Job, resolution: int, batch_size: int,
+                    crop_seed: int = 0) -> Iterator[Batch]:
     """Fixed per-episode batches (never crossing episodes: results independent of the split)."""
-    from shards.vq import preprocess
+    from shards.vq import normalize_pixels, preprocess
     frames = episode_frames(episode, job)
+    if job.fit != "square":
+        frames = fitted_frames(frames, job, resolution, crop_seed)
     starts = range(0, len(frames), batch_size)
     for i, start in enumerate(starts):
-        yield Batch(job, i, len(starts), preprocess(frames[start:start + batch_size], resolution))
+        chunk = frames[start:start + batch_size]
+        pixels = preprocess(chunk, resolution) if job.fit == "square" else normalize_pixels(chunk)
+        yield Batch(job, i, len(starts), pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +261,8 @@ def _produce(plan: Plan, q: queue.Queue, stop: threading.Event) -> None:
     try:
         for job in plan.jobs:
             episode = load(plan.raw, job.ref, plan.cfg.source)
-            for batch in episode_batches(episode, job, image.resolution, image.batch_size):
+            for batch in episode_batches(episode, job, image.resolution, image.batch_size,
+                                         image.crop_seed):
                 if not _put(q, batch, stop):
                     return
         _put(q, _DONE, stop)
@@ -231,7 +280,7 @@ def _write(out: Path, q: queue.Queue, errors: list[BaseException]) -> None:
             if index == count - 1:
                 flat = np.concatenate(parts.pop(job.id))
                 arr = flat.reshape(len(job.rows), len(VIEWS), *flat.shape[1:]).astype(np.uint16)
-                write_bytes(out / codes_file(job.id), npy_bytes(arr))
+                write_bytes(out / job.file, npy_bytes(arr))
         except Exception as exc:  # reported to the encoder thread, which re-raises it
             errors.append(exc)
 
@@ -253,8 +302,9 @@ def encode_plan(handle, plan: Plan, on_batch: Callable[[int], None] = lambda n: 
     side = grid_side(plan.cfg.image.resolution, handle)
     for job in plan.jobs:
         if not len(job.rows):
-            write_bytes(plan.out / codes_file(job.id),
-                        npy_bytes(np.zeros((0, len(VIEWS), side, side), np.uint16)))
+            write_bytes(plan.out / job.file,
+                        npy_bytes(np.zeros((0, len(VIEWS), *(job.grid or (side, side))),
+                                           np.uint16)))
     plan = Plan(plan.cfg, plan.raw, plan.out, [j for j in plan.jobs if len(j.rows)], plan.loader)
     batches: queue.Queue = queue.Queue(maxsize=PREFETCH)
     writes: queue.Queue = queue.Queue()
@@ -372,16 +422,23 @@ def store_doc(cfg: ConfigView, handle, jobs: list[Job], fmt: str) -> dict[str, A
     from shards.vq import PREPROCESSING
     side = grid_side(cfg.image.resolution, handle)
     pairs = sum(j.images for j in jobs)
-    return {"schema": SCHEMA, "format": fmt, "views": list(VIEWS), "dtype": "uint16",
+    doc = {"schema": SCHEMA, "format": fmt, "views": list(VIEWS), "dtype": "uint16",
             "resolution": cfg.image.resolution, "grid": [side, side],
             "orientation": "rot180" if cfg.source.rotate_180 else "none",
             "preprocessing": PREPROCESSING,
             "vq": {"digest": handle.digest, "untrained": handle.untrained, "source": handle.source,
                    "arch": handle.arch, "precision": cfg.image.precision},
             # Each stored (frame, view) code grid came from exactly one encode.
-            "encodes": pairs, "unique_pairs": pairs, "frames": sum(len(j.rows) for j in jobs),
+            "encodes": pairs, "unique_pairs": pairs,
+            "frames": sum(len(j.rows) for j in jobs if j.fit != "wm"),
             "episodes": [{"id": j.id, "frames": len(j.rows), "file": codes_file(j.id)}
-                         for j in jobs]}
+                         for j in jobs if j.fit != "wm"]}
+    if cfg.compat == "published":
+        from shards.fit import PUBLISHED_PREPROCESSING
+        doc.update(fit="published", preprocessing=PUBLISHED_PREPROCESSING,
+                   crop_seed=cfg.image.crop_seed,
+                   wm_grids={j.id: list(j.grid) for j in jobs if j.fit == "wm"})
+    return doc
 
 
 def run(ctx: Context) -> Result:
@@ -390,15 +447,16 @@ def run(ctx: Context) -> Result:
     once all ranks are through, checks every episode is there and writes `store.json`."""
     from shards.vq import load_vq
     cfg, image, group = ctx.cfg, ctx.cfg.image, ctx.group
-    jobs = read_jobs(ctx.inputs["filter"])
+    jobs = compat_jobs(read_jobs(ctx.inputs["filter"]), ctx.inputs["filter"], cfg)
     image = image.replace(device=rank_device(image.device, group.world))
     cfg = cfg.replace(image=image)      # workers of this rank share its device
     handle = load_vq(image.vq_path, random_arch=image.vq_random_arch, seed=image.vq_seed,
                      device=image.device)
     side = grid_side(image.resolution, handle)
     if group.leader:
-        for debris in (ctx.out / CODES_DIR).glob(".tmp-*"):  # a killed run's unfinished writes
-            debris.unlink()
+        for folder in (CODES_DIR, WM_CODES_DIR):      # a killed run's unfinished writes
+            for debris in (ctx.out / folder).glob(".tmp-*"):
+                debris.unlink()
     group.barrier()                                   # no rank writes before the debris is gone
     mine = jobs[group.rank::group.world]
     todo = [j for j in mine if not is_done(ctx.out, j, side)]
@@ -423,7 +481,7 @@ def run(ctx: Context) -> Result:
     ctx.log(f"pretokenize: encodes {timing.encodes}, unique (frame, view) pairs "
             f"{store['unique_pairs']}, encoder waited {timing.wait_s:.1f} s of "
             f"{timing.wait_s + timing.encode_s:.1f} s")
-    counts = {"episodes": len(jobs), "frames": store["frames"], "unique_pairs": store["unique_pairs"],
+    counts = {"episodes": len(store["episodes"]), "frames": store["frames"], "unique_pairs": store["unique_pairs"],
               "encodes": timing.encodes, "resumed_episodes": int(resumed)}
     extra = {"untrained_tokenizer": handle.untrained, "vq_digest": handle.digest,
              "encoder": {"encode_s": round(timing.encode_s, 3), "wait_s": round(timing.wait_s, 3)},
@@ -450,7 +508,7 @@ def _encode_all(ctx: Context, handle, plan: Plan) -> Timing:
 
 STAGE = Stage(name="pretokenize", version="1",
               fields=("image.resolution", "image.vq_path", "image.vq_random_arch", "image.vq_seed",
-                      "image.precision", "source.*"),
+                      "image.precision", "source.*", "compat", "image.crop_seed"),
               deps=("filter", "raw"), run=run, estimate=estimate, input_digest=input_digest,
               distributed=True, untracked=("image.workers", "image.device", "image.batch_size"))
 

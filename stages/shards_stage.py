@@ -25,14 +25,16 @@ from pipeline.errors import DataError, StageError
 from pipeline.io import load_npz, read_json, sha256_bytes, write_bytes, write_json
 from pipeline.progress import Progress
 from pipeline.runner import Context, Result, Stage, output_digest
-from pipeline.splits import TRAIN, VAL, assign_splits
-from shards.conversation import KINDS, VLA, WM, Codec, episode_samples, episode_tokens
+from pipeline.actions import relative_dtype
+from pipeline.splits import TRAIN, VAL, coarse, episode_splits
+from shards.conversation import (DEFAULT_RULES, KINDS, VLA, WM, Codec, Rules, episode_samples,
+                                 episode_tokens)
 from shards.format import MANIFEST, SCHEMA, STATS, vocab_facts
 from shards.tokenizer import TextTokenizer, load_text_tokenizer
 from shards.writer import ShardSetWriter, totals
 from shards.bins import Stats
 
-FIELDS = ("conv.*", "split.*", "shard.*", "bins.num_bins", "recipe")
+FIELDS = ("conv.*", "split.*", "shard.*", "bins.num_bins", "recipe", "compat")
 DEPS = ("filter", "fit-bins", "pretokenize")
 
 
@@ -50,8 +52,10 @@ def check_stats(stats: Stats, cfg: RunConfig) -> None:
 
 
 def load_episode(row: dict[str, Any], filter_dir: Path, store_dir: Path, store: dict[str, Any],
-                 tokenizer: TextTokenizer, codec: Codec, stats: Stats):
+                 tokenizer: TextTokenizer, codec: Codec, stats: Stats,
+                 instruction: str | None = None):
     """The EpisodeTokens of one filter row (its arrays and codes checked against each other)."""
+    instruction = row["instruction"] if instruction is None else instruction
     data = load_npz(filter_dir / row["file"])
     codes_path = store_dir / "codes" / f"{row['id']}.npy"
     if not codes_path.exists():
@@ -66,22 +70,61 @@ def load_episode(row: dict[str, Any], filter_dir: Path, store_dir: Path, store: 
         if data[key].shape[1] != fs.dim:
             raise DataError(f"{key} have {data[key].shape[1]} dims but stats.json has {fs.dim}",
                             file=str(filter_dir / row["file"]), episode=row["id"], key=key)
-    return episode_tokens(row["id"], row["instruction"], codes, data["actions"], data["states"],
-                          tokenizer, codec)
+    return episode_tokens(row["id"], instruction, codes, data["actions"], data["states"],
+                          tokenizer, codec, wm_codes(row, store_dir, store, len(codes)))
+
+
+def wm_codes(row: dict[str, Any], store_dir: Path, store: dict[str, Any], n: int
+             ) -> np.ndarray | None:
+    """The episode's world-model codes when the store holds a separate set (published fitting)."""
+    from stages.pretokenize import wm_codes_file
+    entry = store.get("wm_grids", {}).get(row["id"])
+    if entry is None:
+        return None
+    path = store_dir / wm_codes_file(row["id"])
+    if not path.exists():
+        raise DataError("world-model codes missing from the frame-token store; rerun pretokenize",
+                        file=str(path), episode=row["id"])
+    codes = np.load(path, allow_pickle=False)
+    if codes.shape != (n, 2, *entry):
+        raise DataError(f"world-model codes shape {codes.shape} is not ({n}, 2, {entry[0]}, "
+                        f"{entry[1]})", file=str(path), episode=row["id"])
+    return codes
+
+
+def prompt_instruction(row: dict[str, Any], cfg: RunConfig, fmt: str) -> str:
+    """The instruction the VLA prompt names: the episode's, or with compat=published on LIBERO
+    the task name from the file name WITH its scene prefix, `_` -> space (the published prompt)."""
+    if cfg.compat == "published" and fmt == "libero":
+        return row["task"].replace("_", " ").strip()
+    return row["instruction"]
+
+
+def sample_rules(cfg: RunConfig, fmt: str) -> Rules:
+    if cfg.compat != "published":
+        return DEFAULT_RULES
+    return Rules(published_static=True, per_camera_wm=fmt == "lerobot")
 
 
 # ---------------------------------------------------------------------------------------------
 # The manifest.
 # ---------------------------------------------------------------------------------------------
 
-def split_summary(rows: list[dict[str, Any]], split: dict[str, str]) -> dict[str, Any]:
-    """Held-out (all-val) tasks, per-episode split and counts."""
+def split_summary(rows: list[dict[str, Any]], fine: dict[str, str], cfg: RunConfig
+                  ) -> dict[str, Any]:
+    """Held-out (all-val) tasks, per-episode split and counts; with compat=published also the
+    published split of each episode and the published training set (all three splits)."""
+    split = {k: coarse(v) for k, v in fine.items()}
     tasks: dict[str, set[str]] = {}
     for r in rows:
         tasks.setdefault(r["task"], set()).add(split[r["id"]])
-    return {"val_tasks": sorted(t for t, s in tasks.items() if s == {VAL}),
-            "episodes": {r["id"]: split[r["id"]] for r in rows},
-            "counts": {s: sum(1 for r in rows if split[r["id"]] == s) for s in (TRAIN, VAL)}}
+    out = {"val_tasks": sorted(t for t, s in tasks.items() if s == {VAL}),
+           "episodes": {r["id"]: split[r["id"]] for r in rows},
+           "counts": {s: sum(1 for r in rows if split[r["id"]] == s) for s in (TRAIN, VAL)}}
+    if cfg.compat == "published":
+        out.update(rule="published", training_split="all",
+                   published={r["id"]: fine[r["id"]] for r in rows})
+    return out
 
 
 def drop_summary(drops: Counter) -> dict[str, dict[str, int]]:
@@ -95,7 +138,8 @@ def shard_manifest(cfg: RunConfig, entries: list[dict], stats_bytes: bytes, stat
                    tokenizer: TextTokenizer, store: dict[str, Any], rows: list[dict],
                    split: dict[str, str], drops: Counter, dims: dict[str, int]) -> dict[str, Any]:
     vq = store.get("vq", {})
-    return {
+    per_camera = dims.pop("per_camera_wm", False)
+    out = {
         "schema": SCHEMA, "format": "rynn-shards", "recipe": cfg.recipe,
         "config": select(cfg, FIELDS), "shards": entries, "totals": totals(entries),
         "stats": {"path": STATS, "sha256": sha256_bytes(stats_bytes), "source": stats.source},
@@ -109,7 +153,13 @@ def shard_manifest(cfg: RunConfig, entries: list[dict], stats_bytes: bytes, stat
                    "resolution": int(store["resolution"])},
         "conv": {"history": cfg.conv.history, "chunk": cfg.conv.chunk, "num_bins": stats.num_bins,
                  "relative_action_dims": list(cfg.conv.relative_action_dims), **dims},
-        "drops": drop_summary(drops), "splits": split_summary(rows, split)}
+        "drops": drop_summary(drops), "splits": split_summary(rows, split, cfg)}
+    if cfg.compat == "published":     # only then: the default manifest keeps its bytes
+        grids = sorted({tuple(g) for g in store.get("wm_grids", {}).values()})
+        out["images"].update(fit="published", crop_seed=store.get("crop_seed"), wm_grids=grids)
+        out["conv"]["wm_views"] = "per_camera" if per_camera else "both"
+        out["compat"] = "published"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,20 +176,24 @@ def build_shards(cfg: RunConfig, filter_dir: Path, fit_dir: Path, store_dir: Pat
     stats = Stats.load(fit_dir / STATS)
     check_stats(stats, cfg)
     tokenizer = load_text_tokenizer(cfg.conv.tokenizer_path)
-    codec = Codec.from_stats(stats, cfg.bins.num_bins, tuple(cfg.conv.relative_action_dims))
-    split = assign_splits([(r["task"], r["id"]) for r in rows], cfg.split.val_task_fraction,
-                          cfg.split.val_episode_fraction, cfg.split.seed)
+    codec = Codec.from_stats(stats, cfg.bins.num_bins, tuple(cfg.conv.relative_action_dims),
+                             relative_dtype(cfg))
+    fmt = read_json(filter_dir / "episodes.json").get("format", "unknown")
+    split = episode_splits(rows, cfg, fmt)
+    rules = sample_rules(cfg, fmt)
     drops: Counter = Counter()
     bar = (progress or (lambda n, d: Progress(n, d, disable=True)))(len(rows), "shards")
     with ShardSetWriter(out, cfg.shard) as writer, bar:
         for row in rows:
-            ep = load_episode(row, filter_dir, store_dir, store, tokenizer, codec, stats)
-            for sample in episode_samples(ep, codec, cfg.conv, drops):
-                writer.add(sample, split[row["id"]], row["instruction"])
+            prompt = prompt_instruction(row, cfg, fmt)
+            ep = load_episode(row, filter_dir, store_dir, store, tokenizer, codec, stats, prompt)
+            for sample in episode_samples(ep, codec, cfg.conv, drops, rules):
+                writer.add(sample, coarse(split[row["id"]]), prompt)
             bar.advance()
     check_nonempty(cfg, writer.entries, drops)
     write_bytes(out / STATS, stats_bytes)
-    dims = {"action_dim": stats.action.dim, "state_dim": stats.state.dim}
+    dims = {"action_dim": stats.action.dim, "state_dim": stats.state.dim,
+            "per_camera_wm": rules.per_camera_wm}
     manifest = shard_manifest(cfg, writer.entries, stats_bytes, stats, tokenizer, store, rows,
                               split, drops, dims)
     write_json(out / MANIFEST, manifest)

@@ -64,17 +64,23 @@ def trajectory(length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
     return states, actions
 
 
-def _render(state: np.ndarray, size: int, wrist: bool) -> np.ndarray:
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a frame size: a side, or (height, width) for non-square frames."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _render(state: np.ndarray, size: int | tuple[int, int], wrist: bool) -> np.ndarray:
     """A table, a red block placed by the arm's pan/lift joints, a gripper bar by its opening."""
-    img = np.empty((size, size, 3), np.uint8)
+    h, w = _hw(size)
+    img = np.empty((h, w, 3), np.uint8)
     img[:] = (40, 90, 50) if wrist else (70, 70, 80)
-    img[size // 2:] = (150, 120, 90)
+    img[h // 2:] = (150, 120, 90)
     scale = 2.0 if wrist else 1.0
-    cx = int(size / 2 + scale * state[0] / 90 * size / 2)
-    cy = int(size * 0.6 + scale * state[1] / 90 * size / 4)
-    half = max(2, int(size / 10 * scale))
+    cx = int(w / 2 + scale * state[0] / 90 * w / 2)
+    cy = int(h * 0.6 + scale * state[1] / 90 * h / 4)
+    half = max(2, int(min(h, w) / 10 * scale))
     img[max(0, cy - half):max(0, cy + half), max(0, cx - half):max(0, cx + half)] = (200, 30, 30)
-    bar = int(np.clip(state[5], 0, 40) / 40 * (size - 2))
+    bar = int(np.clip(state[5], 0, 40) / 40 * (w - 2))
     img[-3:, :bar] = (230, 230, 230)
     return img
 
@@ -152,10 +158,11 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
     pq.write_table(table, path)
 
 
-def _features(size: int, fps: int, codec: str) -> dict:
+def _features(size: int | tuple[int, int], fps: int, codec: str) -> dict:
     vec = {"dtype": "float32", "shape": [len(JOINTS)], "names": list(JOINTS)}
-    video = {"dtype": "video", "shape": [size, size, 3], "names": ["height", "width", "channels"],
-             "info": {"video.height": size, "video.width": size, "video.codec": codec,
+    h, w = _hw(size)
+    video = {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"],
+             "info": {"video.height": h, "video.width": w, "video.codec": codec,
                       "video.pix_fmt": "yuv420p", "video.is_depth_map": False,
                       "video.fps": fps, "video.channels": 3, "has_audio": False}}
     scalar = {"shape": [1], "names": None}
@@ -262,11 +269,13 @@ def _write_v30(out: Path, eps: list[dict], fps: int, size: int, codec: str,
 
 
 def write_lerobot_dataset(out: Path, *, version: str = "v2.1", episodes: int = 3,
-                          frames: int = 30, fps: int = 30, size: int = 64, codec: str = "h264",
+                          frames: int = 30, fps: int = 30, size: int | tuple[int, int] = 64,
+                          codec: str = "h264",
                           seed: int = 0, identifiable: bool = False, episodes_per_file: int = 2,
                           episodes_per_video_file: int = 3) -> Path:
     """Write a synthetic SO100-like LeRobot dataset under `out` and return `out`.
 
+    `size`: the frame side, or (height, width) for non-square frames (e.g. (480, 640)).
     v3.0 packs `episodes_per_file` episodes per data parquet and `episodes_per_video_file` per
     mp4 (different on purpose: real datasets roll data and video files over independently).
     `codec`: "h264" (libx264) or "av1" (libsvtav1).

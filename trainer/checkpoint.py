@@ -52,7 +52,18 @@ def processor_card(shards: Path, recipe_cfg: dict[str, Any] | None = None) -> di
             "K": conv["chunk"], "D": conv["action_dim"], "state_dim": conv["state_dim"],
             "M": conv["history"], "resolution": man["vocab"]["resolution"],
             "orientation": images.get("orientation", "rot180"),
-            "relative_action_dims": conv.get("relative_action_dims", [])}
+            "relative_action_dims": conv.get("relative_action_dims", []),
+            "fit": images.get("fit", "square"), **wm_facts(man)}
+
+
+def wm_facts(man: dict[str, Any]) -> dict[str, Any]:
+    """compat=published shard sets: the world-model code grid (when it is one non-square grid)
+    and the views per world-model turn (1 for the published SO100 samples)."""
+    grids = man.get("images", {}).get("wm_grids", [])
+    out: dict[str, Any] = {"wm_views": 1 if man["conv"].get("wm_views") == "per_camera" else 2}
+    if len(grids) == 1:      # several sizes of frames: imagine/eval take the square layout
+        out["wm_grid"] = list(grids[0])
+    return out
 
 
 def rng_state() -> dict[str, Any]:

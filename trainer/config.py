@@ -73,7 +73,9 @@ class TrainConfig:
     l1_target: Literal["raw", "quantized"] = "raw"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     mix: float | None = None                 # fraction of VLA samples; None = natural ratio
-    train_split: Literal["train", "all"] = "train"
+    # "auto": the shard set's training split: "all" (train + val_ind + val_ood) when it was
+    # made with compat=published, as the published joint training; else "train".
+    train_split: Literal["auto", "train", "all"] = "auto"
     eval_every: int = 100
     eval_batches: int = 4
     save_every: int = 100

@@ -47,7 +47,7 @@ from shards.bins import Stats, unnormalize
 from trainer import metrics
 from trainer.policy import MalformedActions, Policy
 from trainer.world_model import (decode_codes, generate_frames, image_blocks_in, block_codes,
-                                 response_codes, strip_image)
+                                 response_codes, strip_image, wm_layout)
 
 NOT_COMPUTED = "not computed (no weights given)"
 
@@ -215,8 +215,7 @@ def eval_wm_sample(policy: Policy, sample, tally: WmTally, generate: bool) -> No
 def _generated_frames(policy: Policy, tokens: np.ndarray, start: int, tally: WmTally) -> None:
     response = generate_frames(policy, tokens[:start])
     pred = response_codes(policy, response)
-    n = vocab.image_block_len(policy.card.resolution)
-    side = policy.card.resolution // vocab.VQ_DOWNSAMPLE
+    side, _, n = wm_layout(policy)        # non-square / one view under compat=published
     truth = np.stack([block_codes(b, side, policy.processor.tokenizer.id_to_image_code)
                       for b in image_blocks_in(tokens[start:], n)])
     images = decode_codes(policy, np.stack([pred, truth]))       # (2, 2 views, H, W, 3)

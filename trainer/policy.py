@@ -85,6 +85,11 @@ class Card:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def published_fit(self) -> bool:
+        """Trained on shards made with compat=published (the published image fitting)."""
+        return self.raw.get("fit") == "published"
+
+    @property
     def relative_dims(self) -> tuple[int, ...]:
         return tuple(self.stats.relative_action_dims)
 
@@ -114,12 +119,13 @@ def orient(image: np.ndarray, orientation: str) -> np.ndarray:
     return np.ascontiguousarray(image[::-1, ::-1]) if orientation == "rot180" else image
 
 
-def check_image(image: Any, name: str) -> np.ndarray:
+def check_image(image: Any, name: str, square: bool = True) -> np.ndarray:
+    """An RGB uint8 frame; square unless the card's fitting is the published one (any shape)."""
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
         raise PolicyError(f"{name}: expected an RGB uint8 (H, W, 3) image, got {arr.dtype} "
                           f"{arr.shape}")
-    if arr.shape[0] != arr.shape[1]:
+    if square and arr.shape[0] != arr.shape[1]:
         raise PolicyError(f"{name}: expected a square image (the pipeline resizes square frames),"
                           f" got {arr.shape[0]}x{arr.shape[1]}")
     return arr
@@ -136,7 +142,7 @@ def frame_list(card: Card, front, wrist, prev_front=None, prev_wrist=None) -> li
     names = ["prev_front", "prev_wrist", "front", "wrist"]
     images = ([] if prev_front is None else prev) + [front, wrist]
     names = names[4 - len(images):]
-    return [check_image(img, n) for img, n in zip(images, names)]
+    return [check_image(img, n, not card.published_fit) for img, n in zip(images, names)]
 
 
 def check_state(card: Card, state: Any) -> np.ndarray:
@@ -286,11 +292,31 @@ class Processor:
         self.encoded = 0
 
     def _encode(self, images: list[np.ndarray]) -> np.ndarray:
-        from shards.vq import encode, preprocess
+        from shards.fit import fit_vla
+        from shards.vq import encode, normalize_pixels, preprocess
         frames = np.stack([orient(img, self.card.orientation) for img in images])
         self.encoded += len(images)
-        return encode(self.vq, preprocess(frames, self.card.resolution),
-                      precision=self.precision).numpy()
+        if self.card.published_fit:                      # compat=published: the VLA fitting
+            pixels = normalize_pixels(np.stack([fit_vla(f, self.card.resolution) for f in frames]))
+        else:
+            pixels = preprocess(frames, self.card.resolution)
+        return encode(self.vq, pixels, precision=self.precision).numpy()
+
+    def wm_image_codes(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Raw [front, wrist] -> codes per view as the world model was trained: the VLA codes, or
+        (compat=published) the published world-model fitting, aspect kept, at crop offset key
+        ("inference", view)."""
+        if not self.card.published_fit:
+            return list(self.image_codes(images))
+        from shards.fit import fit_wm
+        from shards.vq import encode, normalize_pixels
+        out = []
+        for img, view in zip(images, ("front", "wrist")):
+            fitted = fit_wm(orient(img, self.card.orientation), self.card.resolution,
+                            ("inference", view))
+            out.append(encode(self.vq, normalize_pixels(fitted[None]),
+                              precision=self.precision).numpy()[0])
+        return out
 
     def prompt_tokens(self, instruction: str, state, front, wrist, prev_front=None,
                       prev_wrist=None) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline.errors import RynnError
-from pipeline.io import write_bytes, write_json
+from pipeline.io import read_json, write_bytes, write_json
 from pipeline.progress import Progress, console
 from shards.reader import ShardReader
 from trainer import checkpoint as ckpt
@@ -64,6 +64,19 @@ def autocast(cfg: TrainConfig, device: torch.device):
     if use_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def split_samples(shards: Path, split: str) -> int:
+    """Samples of `split` in the shard set, from its manifest totals."""
+    totals = read_json(shards / "manifest.json")["totals"]
+    return sum(int(t.get("splits", {}).get(split, 0)) for t in totals.values())
+
+
+def training_split(cfg: TrainConfig, shards: Path) -> str:
+    """`train_split`, with "auto" read from the shard manifest (compat=published: "all")."""
+    if cfg.train_split != "auto":
+        return cfg.train_split
+    return read_json(shards / "manifest.json")["splits"].get("training_split", "train")
 
 
 def build_model(cfg: TrainConfig, card: dict[str, Any], init: Path | None,
@@ -162,7 +175,10 @@ class Terms:
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, shards: Path, cfg: TrainConfig, device: torch.device,
              rank: int, world: int) -> dict[str, float]:
-    """Mean loss terms over `eval_batches` batches of the held-out split (all ranks)."""
+    """Mean loss terms over `eval_batches` batches of the held-out split (all ranks); none when
+    the shard set holds no held-out sample (compat=published: LeRobot has no split)."""
+    if not split_samples(shards, "val"):
+        return {}
     net.eval()
     terms = Terms()
     with ShardReader(shards, batch_size=cfg.batch_size, split="val", seed=cfg.seed, rank=rank,
@@ -229,7 +245,8 @@ def train(cfg: TrainConfig, shards: Path, out: Path, *, resume: bool = False,
     net = wrap(model, cfg, world, device)
     optimizer = build_optimizer(net, cfg)
     torch.manual_seed(cfg.seed + rank)              # each rank draws its own dropout
-    reader = ShardReader(shards, batch_size=cfg.batch_size, split=cfg.train_split, mix=cfg.mix,
+    reader = ShardReader(shards, batch_size=cfg.batch_size, split=training_split(cfg, shards),
+                         mix=cfg.mix,
                          seed=cfg.seed, rank=rank, world_size=world)
     state = restore(out, card, cfg, net, optimizer, reader) if resume else {"step": 0}
     if rank == 0:

@@ -32,7 +32,7 @@ import torch
 
 from pipeline.errors import RynnError
 from shards import vocab
-from shards.conversation import assemble
+from shards.conversation import assemble, image_blocks
 from shards.bins import to_bins
 from trainer.policy import Stepper, check_image
 
@@ -55,19 +55,32 @@ class Imagined:
 # Image blocks <-> codes.
 # ---------------------------------------------------------------------------------------------
 
-def code_positions(side: int) -> np.ndarray:
-    """Offsets of the code tokens inside one image block of side x side codes."""
-    rows = np.arange(side)[:, None] * (side + 1) + np.arange(side)[None, :]
+def code_positions(side: int | tuple[int, int]) -> np.ndarray:
+    """Offsets of the code tokens inside one image block of side x side (or rows x cols) codes."""
+    h, w = (side, side) if isinstance(side, int) else side
+    rows = np.arange(h)[:, None] * (w + 1) + np.arange(w)[None, :]
     return (3 + rows).reshape(-1)
 
 
-def block_codes(block: np.ndarray, side: int, id_to_code: np.ndarray) -> np.ndarray:
-    """One image block (tokens) -> (side, side) codebook indices; raises on a non-code token."""
-    ids = np.asarray(block, dtype=np.int64)[code_positions(side)]
+def block_codes(block: np.ndarray, side: int | tuple[int, int], id_to_code: np.ndarray
+                ) -> np.ndarray:
+    """One image block (tokens) -> (h, w) codebook indices; raises on a non-code token."""
+    h, w = (side, side) if isinstance(side, int) else side
+    ids = np.asarray(block, dtype=np.int64)[code_positions((h, w))]
     codes = id_to_code[ids]
     if (codes < 0).any():
         raise WorldModelError(f"image block holds non-image-code ids {ids[codes < 0][:5].tolist()}")
-    return codes.reshape(side, side)
+    return codes.reshape(h, w)
+
+
+def wm_layout(policy) -> tuple[tuple[int, int], int, int]:
+    """(code grid, views per turn, block length) of the checkpoint's world-model images: square
+    at the card's resolution and two views, or (compat=published) the shard set's one
+    world-model grid and, for SO100, one view per turn."""
+    raw = policy.card.raw
+    side = policy.card.resolution // vocab.VQ_DOWNSAMPLE
+    h, w = raw.get("wm_grid") or (side, side)
+    return (int(h), int(w)), int(raw.get("wm_views", 2)), 3 + int(h) * (int(w) + 1) + 1
 
 
 def image_blocks_in(tokens: np.ndarray, block_len: int) -> list[np.ndarray]:
@@ -85,7 +98,7 @@ def wm_prompt(policy, codes: np.ndarray, action_bins: np.ndarray) -> np.ndarray:
     """BOS + WM prompt + [front, wrist] blocks + action block + SEP. codes: (2, h, w)."""
     proc = policy.processor
     text = np.asarray(proc.tokenizer.encode(vocab.WM_PROMPT), np.int64)
-    blocks = [proc.image_block(c) for c in codes]
+    blocks = list(image_blocks(np.asarray(codes), proc.tokenizer.image_code_to_id))
     tokens, _ = assemble([text, *blocks, vocab.action_block(action_bins)], [])
     return tokens[:-1]
 
@@ -101,12 +114,12 @@ def generate_frames(policy, prompt: np.ndarray, *, temperature: float = 0.0,
                     generator: torch.Generator | None = None,
                     use_cache: bool = True) -> np.ndarray:
     """The response [front block, wrist block] with forced structure; returns its tokens."""
-    template = np.concatenate([policy.processor.image_block(np.zeros((s, s), np.int64))
-                               for s in [policy.card.resolution // vocab.VQ_DOWNSAMPLE] * 2])
+    grid, views, n = wm_layout(policy)
+    template = image_blocks(np.zeros((views, *grid), np.int64),
+                            policy.processor.tokenizer.image_code_to_id).reshape(-1)
     is_code = np.zeros(len(template), dtype=bool)
-    side = policy.card.resolution // vocab.VQ_DOWNSAMPLE
-    for b in range(2):
-        is_code[b * (len(template) // 2) + code_positions(side)] = True
+    for b in range(views):
+        is_code[b * n + code_positions(grid)] = True
     stepper, allowed = Stepper(policy.backend, prompt, use_cache=use_cache), allowed_codes(policy)
     for pos, token in enumerate(template.tolist()):
         if not is_code[pos]:
@@ -127,10 +140,10 @@ def _sample(logits: torch.Tensor, allowed: torch.Tensor, temperature: float,
 
 def response_codes(policy, response: np.ndarray) -> np.ndarray:
     """Generated response tokens -> (2, h, w) codes."""
-    side = policy.card.resolution // vocab.VQ_DOWNSAMPLE
-    n = vocab.image_block_len(policy.card.resolution)
+    grid, views, n = wm_layout(policy)
     id_to_code = policy.processor.tokenizer.id_to_image_code
-    return np.stack([block_codes(response[i * n:(i + 1) * n], side, id_to_code) for i in range(2)])
+    return np.stack([block_codes(response[i * n:(i + 1) * n], grid, id_to_code)
+                     for i in range(views)])
 
 
 def decode_codes(policy, codes: np.ndarray) -> np.ndarray:
@@ -189,9 +202,17 @@ def imagine(policy, front: np.ndarray, wrist: np.ndarray, action: np.ndarray, *,
         bins = np.repeat(bins, steps, axis=0)
     if len(bins) != steps:
         raise WorldModelError(f"{len(bins)} actions given for steps={steps}")
-    codes = policy.processor.image_codes([check_image(front, "front"),
-                                          check_image(wrist, "wrist")])
-    pred, responses = imagine_codes(policy, codes, bins, temperature=temperature, seed=seed)
+    square = not policy.card.published_fit
+    codes = policy.processor.wm_image_codes([check_image(front, "front", square),
+                                             check_image(wrist, "wrist", square)])
+    if wm_layout(policy)[1] == 2:
+        pred, responses = imagine_codes(policy, np.stack(codes), bins, temperature=temperature,
+                                        seed=seed)
+    else:                       # published SO100: each camera is its own world-model stream
+        runs = [imagine_codes(policy, c[None], bins, temperature=temperature, seed=seed)
+                for c in codes]
+        pred = np.concatenate([r[0] for r in runs], axis=1)
+        responses = [r for run in runs for r in run[1]]
     result = Imagined(pred, decode_codes(policy, pred), responses)
     if out is not None:
         result.files = write_frames(result.images, Path(out))
@@ -245,6 +266,8 @@ def pick_trajectory(policy, shards: str | Path, steps: int, episode: str | None 
     groups = wm_samples_by_episode(shards, split)
     if not groups:
         split, groups = "train", wm_samples_by_episode(shards, "train")
+    if wm_layout(policy)[1] == 1:       # published SO100: the front stream (even steps)
+        groups = {e: v[::2] for e, v in groups.items()}
     if episode is not None and episode not in groups:
         raise WorldModelError(f"episode {episode!r} has no {split} world-model samples; "
                               f"choose one of {sorted(groups)[:5]}")
@@ -257,19 +280,19 @@ def pick_trajectory(policy, shards: str | Path, steps: int, episode: str | None 
 
 
 def trajectory_of(policy, episode: str, split: str, samples: list) -> Trajectory:
-    n = vocab.image_block_len(policy.card.resolution)
-    side = policy.card.resolution // vocab.VQ_DOWNSAMPLE
+    side, views, n = wm_layout(policy)
     id_to_code = policy.processor.tokenizer.id_to_image_code
     bins, truth = [], []
     for s in samples:
         tokens = np.asarray(s.tokens, dtype=np.int64)
         blocks = image_blocks_in(tokens, n)
-        if len(blocks) != 4:
-            raise WorldModelError(f"{s.key}: expected 4 image blocks, found {len(blocks)}")
+        if len(blocks) != 2 * views:
+            raise WorldModelError(f"{s.key}: expected {2 * views} image blocks, found "
+                                  f"{len(blocks)}")
         a = tokens[np.flatnonzero(tokens == vocab.ACTION_START)[0] + 1:][:policy.card.action_dim]
         bins.append(a - vocab.ACTION_BIN_BASE)
-        truth.append([block_codes(b, side, id_to_code) for b in blocks[2:]])
-    first = image_blocks_in(np.asarray(samples[0].tokens, np.int64), n)[:2]
+        truth.append([block_codes(b, side, id_to_code) for b in blocks[views:]])
+    first = image_blocks_in(np.asarray(samples[0].tokens, np.int64), n)[:views]
     start = np.stack([block_codes(b, side, id_to_code) for b in first])
     return Trajectory(episode, split, start, np.stack(bins), np.asarray(truth))
 
@@ -297,10 +320,11 @@ def rollout(policy, shards: str | Path, *, steps: int = 8, out: str | Path,
 
 
 def strip_image(pred: np.ndarray, truth: np.ndarray, gap: int = 2) -> np.ndarray:
-    """Rows: pred front, true front, pred wrist, true wrist; one column per step."""
-    steps, _, h, w, _ = pred.shape
-    canvas = np.full((4 * h + 3 * gap, steps * w + (steps - 1) * gap, 3), 255, np.uint8)
-    rows = [pred[:, 0], truth[:, 0], pred[:, 1], truth[:, 1]]
+    """Rows: pred front, true front, pred wrist, true wrist (per view); one column per step."""
+    steps, views, h, w, _ = pred.shape
+    rows = [x[:, v] for v in range(views) for x in (pred, truth)]
+    canvas = np.full((len(rows) * h + (len(rows) - 1) * gap, steps * w + (steps - 1) * gap, 3),
+                     255, np.uint8)
     for r, row in enumerate(rows):
         for c in range(steps):
             canvas[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = row[c]
