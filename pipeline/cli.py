@@ -182,6 +182,19 @@ def train_cmd(shards: Path = typer.Option(..., "--shards", help="Shard directory
     console.print(f"[bold green]checkpoints[/]: {run}")
 
 
+@app.command("export")
+@friendly
+def export_cmd(run: Path = typer.Argument(..., help="Run directory, step directory or latest."),
+               out: Path = typer.Argument(..., help="Export directory (replaced if present)."),
+               vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
+               tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path.")) -> None:
+    """A Hugging Face Chameleon directory (transformers loads it) + action head + processor card."""
+    from trainer.export import export
+    path = export(run, out, vq_path=vq_path, tokenizer_path=tokenizer_path)
+    console.print(f"[bold green]exported[/]: {path} (Policy.from_pretrained or transformers' "
+                  "ChameleonForConditionalGeneration.from_pretrained)")
+
+
 def _image(path: Path):
     import numpy as np
     if path.suffix == ".npy":

@@ -365,12 +365,25 @@ class Policy:
                         tokenizer_path: str | Path | None = None,
                         device: str = "auto") -> "Policy":
         from stages.vq import resolve_device
+        from trainer.export import is_export
+        if is_export(path) and vq_path is None and tokenizer_path is None:
+            return cls.from_pretrained(path, device=device)
         step_dir = resolve_checkpoint(path)
         card = read_card(step_dir)
         dev = resolve_device(device)
         processor = Processor(card, load_tokenizer_for(card, tokenizer_path),
                               load_vq_for(card, vq_path, dev))
         return cls(processor, Backend(load_model(step_dir, dev), dev))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str = "auto") -> "Policy":
+        """An `rynn-pipe export` directory (trainer/export.py): weights, VQ-GAN, tokenizer and
+        card all come from it."""
+        from stages.vq import resolve_device
+        from trainer.export import load_parts
+        dev = resolve_device(device)
+        card, tokenizer, vq, model = load_parts(path, dev)
+        return cls(Processor(card, tokenizer, vq), Backend(model, dev))
 
     # -- prompts
 
