@@ -20,12 +20,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich.markup import escape
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline.errors import RynnError
@@ -33,8 +34,9 @@ from pipeline.io import write_bytes, write_json
 from pipeline.progress import Progress, console
 from shards.reader import ShardReader
 from trainer import checkpoint as ckpt
-from trainer.config import TrainConfig
+from trainer.config import ModelConfig, TrainConfig
 from trainer.model import RynnModel
+from trainer.pretrained import reconcile
 from trainer.schedule import lr_at
 
 TERMS = ("loss", "ce_action", "ce_image", "l1", "ce", "z_loss")
@@ -64,6 +66,15 @@ def autocast(cfg: TrainConfig, device: torch.device):
     if use_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def init_model_config(model_cfg: ModelConfig, init: Path, rank: int) -> ModelConfig:
+    """The preset with the --init checkpoint's architecture fields adopted (each one said);
+    fields that shape the weights and differ are refused (trainer/pretrained.py)."""
+    adopted, notes = reconcile(model_cfg, init)
+    for note in notes if rank == 0 else []:
+        console.print(f"[yellow]{escape(note)}[/]")
+    return adopted
 
 
 def build_model(cfg: TrainConfig, card: dict[str, Any], init: Path | None,
@@ -225,6 +236,8 @@ def train(cfg: TrainConfig, shards: Path, out: Path, *, resume: bool = False,
     if not (shards / "manifest.json").exists():
         raise RynnError(f"--shards {shards}: no manifest.json (run `rynn-pipe tokenize` first)")
     card = ckpt.processor_card(shards)
+    if init is not None:
+        cfg = replace(cfg, model=init_model_config(cfg.model, Path(init), rank))
     model = build_model(cfg, card, init, device)
     net = wrap(model, cfg, world, device)
     optimizer = build_optimizer(net, cfg)
@@ -267,7 +280,11 @@ def check_same_run(step_dir: Path, card: dict[str, Any], cfg: TrainConfig) -> No
                         "differs); resume with the same --shards or start a new --out")
     saved_cfg, _, _ = ckpt.read_config(step_dir)
     if saved_cfg.model != cfg.model:
-        raise RynnError(f"--resume: {step_dir} has another model shape; use the same --preset")
+        differ = [f"model.{f.name}: saved {getattr(saved_cfg.model, f.name)!r}, now "
+                  f"{getattr(cfg.model, f.name)!r}" for f in fields(cfg.model)
+                  if getattr(saved_cfg.model, f.name) != getattr(cfg.model, f.name)]
+        raise RynnError(f"--resume: {step_dir} has another model ({'; '.join(differ)}); use the "
+                        "same --preset, --set and --init")
 
 
 def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
