@@ -287,6 +287,9 @@ def eval_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, ru
              lpips_weights: Optional[Path] = typer.Option(
                  None, help="Directory with LPIPS v0.1 weights (alex.pth or vgg.pth + the "
                             "torchvision backbone .pth); LPIPS is skipped without it."),
+             lpips_net: Optional[str] = typer.Option(
+                 None, help="alex or vgg: the LPIPS network when --lpips-weights holds both "
+                            "(the lpips package's weights/v0.1 folder)."),
              fvd_weights: Optional[Path] = typer.Option(
                  None, help="TorchScript I3D detector (i3d_torchscript.pt); FVD is skipped "
                             "without it."),
@@ -298,7 +301,7 @@ def eval_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, ru
     from trainer.evaluate import evaluate
     report = evaluate(checkpoint, shards, out, max_samples=max_samples, max_discrete=max_discrete,
                       max_generate=max_generate, vq_path=vq_path, tokenizer_path=tokenizer_path,
-                      lpips_weights=lpips_weights, fvd_weights=fvd_weights,
+                      lpips_weights=lpips_weights, lpips_net=lpips_net, fvd_weights=fvd_weights,
                       fvd_videos=fvd_videos, fvd_frames=fvd_frames)
     console.print(escape(json.dumps(_headline(report), indent=1, default=str)))
     console.print(f"report: {out / 'report.json'}")
