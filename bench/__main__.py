@@ -2,7 +2,8 @@
 
 Names: vq (pretokenize vs bare encoder vs published batch-1 re-encode), reader (shard reader vs
 memmap vs pickle-per-sample, bytes per token), train (data wait vs compute, tokens/s),
-infer (continuous vs discrete actions per second, KV cache vs none).
+infer (continuous vs discrete actions per second, KV cache vs none), serve (policy server
+round-trip latency and calls/s vs the in-process call).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import time
 
 BENCHES = {"vq": "bench.bench_vq", "reader": "bench.bench_reader", "train": "bench.bench_train",
-           "infer": "bench.bench_infer"}
+           "infer": "bench.bench_infer", "serve": "bench.bench_serve"}
 
 
 def main(argv: list[str]) -> int:

@@ -195,6 +195,23 @@ def export_cmd(run: Path = typer.Argument(..., help="Run directory, step directo
                   "ChameleonForConditionalGeneration.from_pretrained)")
 
 
+@app.command("serve")
+@friendly
+def serve_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run dir, latest) or export."),
+              host: str = typer.Option("127.0.0.1", help="Interface (0.0.0.0: every interface)."),
+              port: int = typer.Option(8000, help="TCP port (0 picks a free one)."),
+              device: str = typer.Option("auto", help="cuda, cpu or auto."),
+              vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
+              tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path.")) -> None:
+    """Serve the policy over a websocket (trainer.serve.RemotePolicy is the client)."""
+    from trainer.policy import Policy
+    from trainer.serve import ServeConfig, serve
+    cfg = ServeConfig(host=host, port=port)
+    policy = Policy.from_checkpoint(checkpoint, vq_path=vq_path, tokenizer_path=tokenizer_path,
+                                    device=device)
+    serve(policy, cfg)
+
+
 def _image(path: Path):
     import numpy as np
     if path.suffix == ".npy":

@@ -511,16 +511,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_card(step_dir: Path) -> Card:
     """Parse `processor.json` into a Card (missing fields are named in the error)."""
     from pipeline.io import read_json
-    doc = read_json(step_dir / CARD_FILE)
+    return parse_card(read_json(step_dir / CARD_FILE), where=str(step_dir / CARD_FILE))
+
+
+def parse_card(doc: dict[str, Any], where: str) -> Card:
+    """A processor card document (as in `processor.json`) -> Card."""
     try:
-        stats = Stats.from_dict(doc["stats"], where=str(step_dir / CARD_FILE))
+        stats = Stats.from_dict(doc["stats"], where=where)
         return Card(resolution=int(doc["resolution"]), orientation=str(doc["orientation"]),
                     chunk=int(doc["K"]), action_dim=int(doc["D"]),
                     state_dim=int(doc.get("state_dim", stats.state.dim)),
                     history=int(doc["M"]), stats=stats, tokenizer=dict(doc["tokenizer"]),
                     vq=dict(doc["vq"]), recipe=str(doc.get("recipe", "")), raw=doc)
     except KeyError as exc:
-        raise PolicyError(f"{step_dir / CARD_FILE}: missing field {exc}") from exc
+        raise PolicyError(f"{where}: missing field {exc}") from exc
 
 
 def load_model(step_dir: Path, device: torch.device) -> torch.nn.Module:
