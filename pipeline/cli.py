@@ -124,7 +124,7 @@ def tokenize_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations
 
 @app.command("verify")
 @friendly
-def verify_cmd(shards: Path = typer.Argument(..., help="A shard directory.")) -> None:
+def verify_cmd(shards: str = typer.Argument(..., help="A shard directory or URL (http(s)://, fsspec).")) -> None:
     """Re-hash every shard and re-check every sample; exit non-zero on any mismatch."""
     from shards.verify import verify
     report = verify(shards)
@@ -137,7 +137,7 @@ def verify_cmd(shards: Path = typer.Argument(..., help="A shard directory.")) ->
 
 @app.command("inspect")
 @friendly
-def inspect_cmd(shards: Path = typer.Argument(..., help="A shard directory."),
+def inspect_cmd(shards: str = typer.Argument(..., help="A shard directory or URL (http(s)://, fsspec)."),
                 out: Path = typer.Option(Path("sample.png"), "--out", "-o", help="PNG to write."),
                 index: int = typer.Option(0, help="Sample index within its kind."),
                 kind: str = typer.Option("vla", help="vla or wm."),
