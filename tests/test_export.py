@@ -168,3 +168,18 @@ def test_cli_export_then_act_from_the_export(exported, tmp_path):
     assert result.exit_code == 0, result.output
     want = Policy.from_checkpoint(run, device="cpu").act(**inputs)
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), want)
+
+
+def test_vocabulary_map_of_a_chameleon_tokenizer_file(tmp_path):
+    """A Chameleon-format text_tokenizer.json: the map is the file's whole vocabulary, and
+    transformers' image-token mapping built from it agrees with rynn-pipe's code map."""
+    from tokenizers import Tokenizer
+    from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
+    from fixtures_tokenizer import write_tokenizer
+    from shards.tokenizer import load_text_tokenizer
+    path, _ = write_tokenizer(tmp_path / "text_tokenizer.json")
+    tok = load_text_tokenizer(path)
+    mapping = vocabulary_map(tok)
+    assert mapping == Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    theirs = ChameleonImageVocabularyMapping(mapping).img2bpe
+    assert [theirs[c] for c in range(vocab.CODEBOOK_SIZE)] == tok.image_code_to_id.tolist()

@@ -366,7 +366,10 @@ class Policy:
                         device: str = "auto") -> "Policy":
         from stages.vq import resolve_device
         from trainer.export import is_export
-        if is_export(path) and vq_path is None and tokenizer_path is None:
+        if is_export(path):
+            if vq_path is not None or tokenizer_path is not None:
+                raise PolicyError(f"{path} is an export: it carries its own VQ-GAN and "
+                                  "tokenizer; drop vq_path / tokenizer_path")
             return cls.from_pretrained(path, device=device)
         step_dir = resolve_checkpoint(path)
         card = read_card(step_dir)

@@ -150,7 +150,7 @@ def handle(policy, message: dict[str, Any]) -> dict[str, Any]:
         return error_reply(rid, "bad_request", exc)
     except MalformedActions as exc:
         return error_reply(rid, "malformed_actions", exc)
-    except (PolicyError, RynnError) as exc:
+    except RynnError as exc:                  # PolicyError and the data errors below it
         return error_reply(rid, "policy", exc)
     except Exception as exc:  # noqa: BLE001 - a bug in one request must not stop the server
         console.print(f"[red]serve: internal error[/] on request {rid!r}: {exc!r}")
@@ -202,9 +202,13 @@ class PolicyServer:
         self._thread = threading.Thread(target=self.run, kwargs={"install_signals": False},
                                         name="rynn-serve", daemon=True)
         self._thread.start()
-        if not self._ready.wait(30):
+        if not self.wait_ready(30):
             raise RynnError("serve: the server did not start within 30 s")
         return self
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the server listens (its port is known)."""
+        return self._ready.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, finish requests in flight, close connections; wait for it."""
@@ -273,7 +277,7 @@ def serve(policy, cfg: ServeConfig) -> None:
 
 
 def _announce(server: PolicyServer) -> None:
-    if server._ready.wait(60):
+    if server.wait_ready(60):
         card = server.policy.card
         console.print(f"[bold green]serving[/] {card.recipe!r} (K={card.chunk}, D="
                       f"{card.action_dim}, {card.resolution} px) on {server.url}; Ctrl-C stops")
