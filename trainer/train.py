@@ -283,8 +283,8 @@ def check_same_run(step_dir: Path, card: dict[str, Any], cfg: TrainConfig) -> No
         differ = [f"model.{f.name}: saved {getattr(saved_cfg.model, f.name)!r}, now "
                   f"{getattr(cfg.model, f.name)!r}" for f in fields(cfg.model)
                   if getattr(saved_cfg.model, f.name) != getattr(cfg.model, f.name)]
-        raise RynnError(f"--resume: {step_dir} has another model ({'; '.join(differ)}); use the "
-                        "same --preset, --set and --init")
+        raise RynnError(f"--resume: {step_dir} has another model shape ({'; '.join(differ)}); "
+                        "use the same --preset, --set and --init")
 
 
 def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
