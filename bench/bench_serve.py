@@ -2,10 +2,12 @@
 
 A checkpoint of the trainer's own RynnModel (random init, `tiny` preset) on shards the real
 pipeline builds from a small demo suite (128 px frames, small random VQ-GAN, history 2, K=5).
-It times, on loopback (127.0.0.1), continuous-mode `act` with four raw frames and the state:
+It times, on loopback (127.0.0.1), continuous-mode `act` with four raw frames and the state, the
+calls of each kind interleaved so that they see the same machine load:
 - in process: `Policy.act` (VQ encode + one forward + the head), the baseline;
 - remote: `RemotePolicy.act` through `rynn-pipe serve`'s server (msgpack over a websocket);
-- transport alone: a `card` request (no model work);
+- transport alone: a `card` request (no model work), and the act's own time on the server's
+  inference thread (the reply's `seconds`), which splits the remote latency into its parts;
 - throughput: 4 clients calling at once (the server runs requests one at a time) vs in process.
 
     python -m bench serve                 # or: python -m bench.bench_serve --calls 30
@@ -56,13 +58,17 @@ def build(root: Path) -> tuple[Path, dict]:
     return root / "run", inputs
 
 
-def latencies(fn, calls: int) -> list[float]:
-    fn()                                                   # warm-up
-    out = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
+def latencies(fns: list, calls: int) -> list[list[float]]:
+    """Seconds per call of each function, calls interleaved (one of each in turn) so that all
+    see the same machine load; one warm-up call each first."""
+    for fn in fns:
         fn()
-        out.append(time.perf_counter() - t0)
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(calls):
+        for fn, times in zip(fns, out):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return out
 
 
@@ -97,13 +103,19 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run, inputs = build(Path(tmp))
         policy = Policy.from_checkpoint(run, device="cpu")
-        local = latencies(lambda: policy.act(**inputs), args.calls)
         server = PolicyServer(policy, ServeConfig(port=0)).start()
+        served: list[float] = []
         with RemotePolicy(server.url) as remote:
             np.testing.assert_array_equal(remote.act(**inputs), policy.act(**inputs))
-            far = latencies(lambda: remote.act(**inputs), args.calls)
-            bare = latencies(lambda: remote.request("card"), args.calls)
+
+            def server_side() -> None:
+                served.append(remote.request("act", {**inputs, "mode": "continuous"})["seconds"])
+
+            local, far, _ = latencies([lambda: policy.act(**inputs), lambda: remote.act(**inputs),
+                                       server_side], args.calls)
+            bare = latencies([lambda: remote.request("card")], args.calls)[0]
         calls_remote = throughput(server.url, inputs, clients=4, calls=max(2, args.calls // 4))
+        calls_local = 1 / statistics.median(latencies([lambda: policy.act(**inputs)], 4)[0])
         server.stop()
     med_local, med_far, med_bare = (statistics.median(x) * 1e3 for x in (local, far, bare))
     payload = len(pack({"id": 0, "method": "act", "args": {**inputs, "mode": "continuous"}}))
@@ -111,10 +123,10 @@ def main(argv: list[str]) -> None:
     print(f"in-process act: median {med_local:.1f} ms, {1e3 / med_local:.1f} calls/s (baseline)")
     print(f"remote act over loopback: median {med_far:.1f} ms -> latency ratio "
           f"{med_far / med_local:.2f}x, overhead {med_far - med_local:.1f} ms")
-    print(f"transport alone (card request): median {med_bare:.2f} ms")
+    print(f"transport alone (card request): median {med_bare:.2f} ms; the act itself on the "
+          f"server's inference thread: median {statistics.median(served) * 1e3:.1f} ms")
     print(f"4 clients at once: {calls_remote:.1f} calls/s -> calls/s ratio "
-          f"{calls_remote / (1e3 / med_local):.2f}x of in-process")
-
+          f"{calls_remote / calls_local:.2f}x of in-process ({calls_local:.1f} calls/s just after)")
 
 if __name__ == "__main__":
     import sys
