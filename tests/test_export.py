@@ -123,6 +123,8 @@ def test_model_card_names_the_training(exported):
     assert "step 0" in text and card["vq"]["digest"] in text
     assert "loss 1.5 (step 0), ce_action 0.25 (step 0), val_loss 2.5 (step 0)" in text
     assert not list(out.parent.glob(".tmp-*"))
+    with pytest.raises(Exception, match="exists and is not an export"):
+        export(run, resolve_checkpoint(run).parent)      # never over a run directory
 
 
 def test_fallback_vocabulary_map_follows_the_code_map(exported):

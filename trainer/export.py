@@ -117,6 +117,9 @@ def export(run: str | Path, out: str | Path, *, vq_path: str | Path | None = Non
     hf, head = to_hf_names(load_file(str(step_dir / WEIGHTS_FILE)))
     hf.update({VQ + k: v for k, v in vq.model.state_dict().items()})
     out = Path(out)
+    if out.exists() and not is_export(out) and any(out.iterdir()):
+        raise RynnError(f"export: {out} exists and is not an export; choose a new or empty "
+                        "directory (an earlier export there is replaced)")
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
