@@ -167,7 +167,7 @@ def decode_cmd(store: Path = typer.Argument(..., help="A pretokenize output dir 
 
 @app.command("train")
 @friendly
-def train_cmd(shards: Path = typer.Option(..., "--shards", help="Shard directory (rynn-pipe tokenize)."),
+def train_cmd(shards: str = typer.Option(..., "--shards", help="Shard directory (rynn-pipe tokenize) or URL."),
               out: Path = typer.Option(..., "--out", "-o", help="Run directory."),
               preset: str = typer.Option("tiny", help="Model preset: test, tiny, 7b."),
               steps: Optional[int] = typer.Option(None, help="Optimizer steps."),

@@ -12,8 +12,8 @@ sha256 checked against the manifest before any of its samples is used.
 `http://` and `https://` are read with the standard library (no extra dependency); every other
 scheme (`s3://`, `gs://`, `file://`, `memory://` ...) through fsspec, with whatever fsspec backend
 package the scheme needs installed by the user. The manifest is fetched first; the cache directory
-is keyed by its sha256 (`<cache>/<digest[:16]>/`), so a changed shard set never mixes with an old
-one. A shard is downloaded to a temporary name while its sha256 is computed, compared with the
+is keyed by its sha256 (`<cache>/<digest[:16]>/`, one per rank under torchrun), so a changed
+shard set never mixes with an old one. A shard is downloaded to a temporary name while its sha256 is computed, compared with the
 manifest's `bytes` and `sha256`, and only then renamed into the cache: a shard whose bytes differ
 raises `DataError` naming the URL and is never read. Once the cache holds more than its bound
 (`RYNN_SHARD_CACHE_GB`, default 8 GiB) the least recently used shards not in use are deleted.
@@ -103,7 +103,9 @@ class RemoteShardSet:
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"not a shard manifest ({type(exc).__name__}: {exc})",
                             file=f"{self.url}/{MANIFEST}") from exc
-        self.root = Path(cache_dir or cache_root()) / sha256_bytes(raw)[:16]
+        # under torchrun each rank keeps its own cache: pins and eviction are per process
+        rank = f"-rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        self.root = Path(cache_dir or cache_root()) / f"{sha256_bytes(raw)[:16]}{rank}"
         self.root.mkdir(parents=True, exist_ok=True)
         write_bytes(self.root / MANIFEST, raw)
         self.max_bytes = max_bytes if max_bytes is not None else cache_bound()

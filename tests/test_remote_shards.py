@@ -8,6 +8,7 @@ before use, the cache stays bounded, verify and inspect take URLs, fsspec URLs w
 from __future__ import annotations
 
 import functools
+import json
 import http.server
 import shutil
 import threading
@@ -164,3 +165,18 @@ def test_fsspec_url_and_missing_set(served, tiny_shards):
         RemoteShardSet(f"{url}/nothing-here")
     manifest = read_json(tiny_shards / "manifest.json")
     assert np.sum([e["samples"] for e in manifest["shards"]]) > 0
+
+
+def test_train_from_a_url_equals_training_from_the_directory(served, tiny_shards, tmp_path):
+    from trainer.config import resolve_train_config
+    from trainer.train import train
+    url, _ = served
+    cfg = resolve_train_config("test", ["batch_size=2", "log_every=1", "eval_every=2",
+                                        "eval_batches=1"], steps=3)
+    rows = []
+    for shards, run in ((f"{url}/good", tmp_path / "url"), (tiny_shards, tmp_path / "dir")):
+        train(cfg, shards, run)
+        rows.append((run / "metrics.jsonl").read_text().splitlines())
+    strip = [[{k: v for k, v in json.loads(r).items() if not k.endswith("_s")}   # no timings
+              for r in rs] for rs in rows]
+    assert strip[0] == strip[1] and any("val_loss" in r for r in strip[0])

@@ -33,6 +33,7 @@ from pipeline.errors import RynnError
 from pipeline.io import write_bytes, write_json
 from pipeline.progress import Progress, console
 from shards.reader import ShardReader
+from shards.remote import RemoteShardSet, is_url
 from trainer import checkpoint as ckpt
 from trainer.config import ModelConfig, TrainConfig
 from trainer.model import RynnModel
@@ -171,7 +172,7 @@ class Terms:
 
 
 @torch.no_grad()
-def evaluate(net: torch.nn.Module, shards: Path, cfg: TrainConfig, device: torch.device,
+def evaluate(net: torch.nn.Module, shards: Path | str, cfg: TrainConfig, device: torch.device,
              rank: int, world: int) -> dict[str, float]:
     """Mean loss terms over `eval_batches` batches of the held-out split (all ranks)."""
     net.eval()
@@ -226,16 +227,19 @@ def plot(run: Path) -> Path:
 # The run.
 # ---------------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, shards: Path, out: Path, *, resume: bool = False,
+def train(cfg: TrainConfig, shards: Path | str, out: Path, *, resume: bool = False,
           init: Path | None = None, stop_after: int | None = None) -> Path:
-    """Train on `shards` into run directory `out`; returns the latest checkpoint directory.
+    """Train on `shards` (a directory or a URL) into run directory `out`; returns the latest
+    checkpoint directory.
     `cfg` carries the preset and step count (`resolve_train_config(preset, sets, steps=)`).
     `stop_after` ends the process's work early at that step (tests: a run stopped mid-way)."""
     rank, world, device = setup_distributed()
-    shards, out = Path(shards), Path(out)
-    if not (shards / "manifest.json").exists():
+    out = Path(out)
+    shards = str(shards) if is_url(shards) else Path(shards)   # a URL: shards/remote.py
+    local = RemoteShardSet(shards).root if isinstance(shards, str) else shards
+    if not (local / "manifest.json").exists():
         raise RynnError(f"--shards {shards}: no manifest.json (run `rynn-pipe tokenize` first)")
-    card = ckpt.processor_card(shards)
+    card = ckpt.processor_card(local)
     if init is not None:
         cfg = replace(cfg, model=init_model_config(cfg.model, Path(init), rank))
     model = build_model(cfg, card, init, device)
@@ -288,7 +292,7 @@ def check_same_run(step_dir: Path, card: dict[str, Any], cfg: TrainConfig) -> No
 
 
 def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         reader: ShardReader, state: dict[str, Any], shards: Path, out: Path,
+         reader: ShardReader, state: dict[str, Any], shards: Path | str, out: Path,
          card: dict[str, Any], device: torch.device, stop_after: int | None) -> None:
     rank, world = ckpt.rank_and_world()
     batches = reader.forever()
