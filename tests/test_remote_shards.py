@@ -8,18 +8,15 @@ before use, the cache stays bounded, verify and inspect take URLs, fsspec URLs w
 from __future__ import annotations
 
 import functools
-import json
 import http.server
+import json
 import shutil
 import threading
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import DataError
-from pipeline.io import read_json
 from shards.inspect import inspect
 from shards.reader import ShardReader
 from shards.remote import RemoteShardSet
@@ -163,8 +160,6 @@ def test_fsspec_url_and_missing_set(served, tiny_shards):
         _same(_take(via_fsspec, 3), _take(local, 3))
     with pytest.raises(DataError, match="cannot fetch"):
         RemoteShardSet(f"{url}/nothing-here")
-    manifest = read_json(tiny_shards / "manifest.json")
-    assert np.sum([e["samples"] for e in manifest["shards"]]) > 0
 
 
 def test_train_from_a_url_equals_training_from_the_directory(served, tiny_shards, tmp_path):
