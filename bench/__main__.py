@@ -3,7 +3,8 @@
 Names: vq (pretokenize vs bare encoder vs published batch-1 re-encode), reader (shard reader vs
 memmap vs pickle-per-sample, bytes per token), train (data wait vs compute, tokens/s),
 infer (continuous vs discrete actions per second, KV cache vs none), rollout (policy calls per
-second in a closed loop with the frame-code cache vs the naive per-call path, env steps/s).
+second in a closed loop with the frame-code cache vs the naive per-call path, env steps/s), serve
+(policy server round-trip latency and calls/s vs the in-process call).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 import time
 
 BENCHES = {"vq": "bench.bench_vq", "reader": "bench.bench_reader", "train": "bench.bench_train",
-           "infer": "bench.bench_infer", "rollout": "bench.bench_rollout"}
+           "infer": "bench.bench_infer", "rollout": "bench.bench_rollout",
+           "serve": "bench.bench_serve"}
 
 
 def main(argv: list[str]) -> int:

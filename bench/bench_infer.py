@@ -25,7 +25,7 @@ import torch
 from shards import vocab
 from trainer.config import PRESETS
 from trainer.model import RynnModel
-from trainer.policy import Backend, Stepper, attention_rule
+from trainer.engine import Backend, Stepper, attention_rule
 
 D, STATE_DIM, RES, HISTORY = 7, 8, 256, 2
 

@@ -28,7 +28,9 @@ from sim.rollout import ExpertAgent, PolicyAgent, run_episode
 from shards.bins import NUM_BINS, FieldStats, Stats
 from trainer.config import PRESETS
 from trainer.model import RynnModel
-from trainer.policy import Backend, Card, Policy, Processor
+from trainer.card import Card
+from trainer.engine import Backend
+from trainer.policy import Policy, Processor
 
 RES, K, D, STATE_DIM, SEED = 128, 5, 7, 8, 1000
 

@@ -157,7 +157,7 @@ def tokenize_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations
 
 @app.command("verify")
 @friendly
-def verify_cmd(shards: Path = typer.Argument(..., help="A shard directory.")) -> None:
+def verify_cmd(shards: str = typer.Argument(..., help="A shard directory or URL (http(s)://, fsspec).")) -> None:
     """Re-hash every shard and re-check every sample; exit non-zero on any mismatch."""
     from shards.verify import verify
     report = verify(shards)
@@ -170,7 +170,7 @@ def verify_cmd(shards: Path = typer.Argument(..., help="A shard directory.")) ->
 
 @app.command("inspect")
 @friendly
-def inspect_cmd(shards: Path = typer.Argument(..., help="A shard directory."),
+def inspect_cmd(shards: str = typer.Argument(..., help="A shard directory or URL (http(s)://, fsspec)."),
                 out: Path = typer.Option(Path("sample.png"), "--out", "-o", help="PNG to write."),
                 index: int = typer.Option(0, help="Sample index within its kind."),
                 kind: str = typer.Option("vla", help="vla or wm."),
@@ -200,7 +200,7 @@ def decode_cmd(store: Path = typer.Argument(..., help="A pretokenize output dir 
 
 @app.command("train")
 @friendly
-def train_cmd(shards: Path = typer.Option(..., "--shards", help="Shard directory (rynn-pipe tokenize)."),
+def train_cmd(shards: str = typer.Option(..., "--shards", help="Shard directory (rynn-pipe tokenize) or URL."),
               out: Path = typer.Option(..., "--out", "-o", help="Run directory."),
               preset: str = typer.Option("tiny", help="Model preset: test, tiny, 7b."),
               steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
@@ -213,6 +213,36 @@ def train_cmd(shards: Path = typer.Option(..., "--shards", help="Shard directory
     cfg = resolve_train_config(preset, sets or [], steps=steps)
     run = train(cfg, shards, out, resume=resume, init=init)
     console.print(f"[bold green]checkpoints[/]: {run}")
+
+
+@app.command("export")
+@friendly
+def export_cmd(run: Path = typer.Argument(..., help="Run directory, step directory or latest."),
+               out: Path = typer.Argument(..., help="Export directory (replaced if present)."),
+               vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
+               tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path.")) -> None:
+    """A Hugging Face Chameleon directory (transformers loads it) + action head + processor card."""
+    from trainer.export import export
+    path = export(run, out, vq_path=vq_path, tokenizer_path=tokenizer_path)
+    console.print(f"[bold green]exported[/]: {path} (Policy.from_pretrained or transformers' "
+                  "ChameleonForConditionalGeneration.from_pretrained)")
+
+
+@app.command("serve")
+@friendly
+def serve_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run dir, latest) or export."),
+              host: str = typer.Option("127.0.0.1", help="Interface (0.0.0.0: every interface)."),
+              port: int = typer.Option(8000, help="TCP port (0 picks a free one)."),
+              device: str = typer.Option("auto", help="cuda, cpu or auto."),
+              vq_path: Optional[str] = typer.Option(None, help="VQ-GAN weights (local path)."),
+              tokenizer_path: Optional[str] = typer.Option(None, help="text_tokenizer.json path.")) -> None:
+    """Serve the policy over a websocket (trainer.serve.RemotePolicy is the client)."""
+    from trainer.policy import Policy
+    from trainer.serve import ServeConfig, serve
+    cfg = ServeConfig(host=host, port=port)
+    policy = Policy.from_checkpoint(checkpoint, vq_path=vq_path, tokenizer_path=tokenizer_path,
+                                    device=device)
+    serve(policy, cfg)
 
 
 def _image(path: Path):
@@ -247,7 +277,8 @@ def act_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run
             out: Optional[Path] = typer.Option(None, help="Write the K x D actions to this .npy.")) -> None:
     """Next K actions in the robot's units from a checkpoint and raw observations."""
     import numpy as np
-    from trainer.policy import MalformedActions, Policy
+    from trainer.card import MalformedActions
+    from trainer.policy import Policy
     policy = Policy.from_checkpoint(checkpoint, vq_path=vq_path, tokenizer_path=tokenizer_path)
     prev = [_image(p) if p else None for p in (prev_front, prev_wrist)]
     try:
@@ -310,6 +341,9 @@ def eval_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, ru
              lpips_weights: Optional[Path] = typer.Option(
                  None, help="Directory with LPIPS v0.1 weights (alex.pth or vgg.pth + the "
                             "torchvision backbone .pth); LPIPS is skipped without it."),
+             lpips_net: Optional[str] = typer.Option(
+                 None, help="alex or vgg: the LPIPS network when --lpips-weights holds both "
+                            "(the lpips package's weights/v0.1 folder)."),
              fvd_weights: Optional[Path] = typer.Option(
                  None, help="TorchScript I3D detector (i3d_torchscript.pt); FVD is skipped "
                             "without it."),
@@ -321,7 +355,7 @@ def eval_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, ru
     from trainer.evaluate import evaluate
     report = evaluate(checkpoint, shards, out, max_samples=max_samples, max_discrete=max_discrete,
                       max_generate=max_generate, vq_path=vq_path, tokenizer_path=tokenizer_path,
-                      lpips_weights=lpips_weights, fvd_weights=fvd_weights,
+                      lpips_weights=lpips_weights, lpips_net=lpips_net, fvd_weights=fvd_weights,
                       fvd_videos=fvd_videos, fvd_frames=fvd_frames)
     console.print(escape(json.dumps(_headline(report), indent=1, default=str)))
     console.print(f"report: {out / 'report.json'}")

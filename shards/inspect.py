@@ -9,11 +9,13 @@ code grids are drawn as colour maps instead.
     from shards.inspect import inspect
     inspect("out/demo/shards", "sample.png", index=0, kind="vla")
     rynn-pipe inspect out/demo/shards --out sample.png --kind wm --index 3
+    rynn-pipe inspect https://host/demo/shards --out sample.png   # a URL (shards/remote.py)
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from pipeline.errors import DataError, RynnError
 from pipeline.io import read_json
 from shards import vocab
 from shards.format import MANIFEST, parse_members
+from shards.remote import RemoteShardSet, is_url
 from shards.tokenizer import TextTokenizer, fallback_tokenizer, load_text_tokenizer
 from shards.verify import Layout, read_samples, segments, shard_bytes
 from shards.bins import from_bins
@@ -35,16 +38,19 @@ COLOURS = {"bos": "#444444", "text": "#4e79a7", "state": "#59a14f", "image": "#f
 # Reading one sample.
 # ---------------------------------------------------------------------------------------------
 
-def find_sample(root: Path, manifest: dict[str, Any], kind: str, index: int) -> dict[str, Any]:
-    """Sample `index` (0-based, stored order) among the samples of `kind`."""
+def find_sample(root: Path, manifest: dict[str, Any], kind: str, index: int,
+                remote=None) -> dict[str, Any]:
+    """Sample `index` (0-based, stored order) among the samples of `kind`; `remote`: the
+    `RemoteShardSet` of a URL shard set (the one shard needed is fetched and checked)."""
     entries = [e for e in manifest["shards"] if e["kind"] == kind]
     total = sum(e["samples"] for e in entries)
     if not 0 <= index < total:
         raise RynnError(f"--index {index}: the shard set has {total} {kind} samples")
     for e in entries:
         if index < e["samples"]:
-            path = root / e["path"]
-            for i, (key, members) in enumerate(read_samples(shard_bytes(path, path.read_bytes()))):
+            with (remote.local(e["path"]) if remote else nullcontext(root / e["path"])) as path:
+                data = shard_bytes(path, path.read_bytes())
+            for i, (key, members) in enumerate(read_samples(data)):
                 if i == index:
                     return parse_members(key, members)
         index -= e["samples"]
@@ -193,10 +199,11 @@ def inspect(directory: str | Path, out_png: str | Path, *, index: int = 0, kind:
     """Render sample `index` of `kind` ("vla" or "wm") of a shard set to `out_png`."""
     if kind not in ("vla", "wm"):
         raise RynnError(f"--kind {kind!r}: choose vla or wm")
-    root, out_png = Path(directory), Path(out_png)
+    remote = RemoteShardSet(str(directory)) if is_url(directory) else None
+    root, out_png = (remote.root if remote else Path(directory)), Path(out_png)
     manifest = read_json(root / MANIFEST)
     lay = Layout.from_manifest(manifest)
-    sample = find_sample(root, manifest, kind, index)
+    sample = find_sample(root, manifest, kind, index, remote)
     tokens = sample["tokens"].astype(np.int64)
     segs, problems = segments(tokens, lay)
     if problems:

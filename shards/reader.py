@@ -27,6 +27,10 @@ Resume. `state_dict()` is the reader epoch, the batches of it handed out, and ea
 (epoch, position) after the last batch handed out; `load_state_dict()` restores it. Skipping is
 arithmetic on manifest counts: only the block holding the position is read.
 
+URLs. `root` may be the URL of a shard set (`http(s)://`, or any fsspec URL): the manifest is read
+first and each shard is fetched into a bounded local cache and sha256-checked against the manifest
+before its samples are used (shards/remote.py); order, resume and per-rank counts are the same.
+
 Speed. A shard is read whole (it is size-bounded): one gzip decompression (which releases the GIL,
 so loader threads overlap), a lean 512-byte tar header walk, `np.frombuffer` views for the npy
 payloads. Shards of the next block load in a thread pool while the current one is consumed, and a
@@ -36,6 +40,7 @@ needed and not supported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -54,6 +59,7 @@ import torch
 from pipeline.errors import DataError
 from pipeline.io import read_json
 from shards import vocab
+from shards.remote import RemoteShardSet, is_url
 
 KINDS = ("vla", "wm")
 SPLITS = ("train", "val", "all")
@@ -367,7 +373,9 @@ class ShardReader:
                  shuffle_shards: int = 2, pad_multiple: int = 8, threads: int = 2) -> None:
         _validate(batch_size, split, mix, rank, world_size, prefetch, kinds, shuffle_shards,
                   pad_multiple, threads)
-        self.root, self.batch_size, self.split, self.seed = Path(root), batch_size, split, seed
+        self.remote = RemoteShardSet(str(root)) if is_url(root) else None   # shards/remote.py
+        self.root = self.remote.root if self.remote else Path(root)
+        self.batch_size, self.split, self.seed = batch_size, split, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.prefetch, self.kinds = prefetch, tuple(kinds)
         self.shuffle_shards, self.pad_multiple = shuffle_shards, pad_multiple
@@ -410,13 +418,24 @@ class ShardReader:
         if "vla" not in self.drawn:
             return (0, 0)
         for info in self.streams["vla"].shards:
-            shape = peek_chunk_shape(info.path)
+            with self._local(info) as path:
+                shape = peek_chunk_shape(path)
             if shape is not None:
                 return shape
         raise DataError("no VLA sample has an action chunk", file=str(self.root))
 
     def _load(self, info: ShardInfo) -> Future:
-        return self._pool.submit(read_shard, info.path, self.split)
+        return self._pool.submit(self._read, info)
+
+    def _read(self, info: ShardInfo) -> list[Sample]:
+        with self._local(info) as path:
+            return read_shard(path, self.split)
+
+    def _local(self, info: ShardInfo):
+        """The shard's local file; a URL shard set fetches and sha256-checks it first."""
+        if self.remote is None:
+            return contextlib.nullcontext(info.path)
+        return self.remote.local(info.path.relative_to(self.root).as_posix())
 
     # -- iteration
 

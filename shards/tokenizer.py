@@ -97,6 +97,11 @@ def image_code_of_name(name: str) -> int:
     return int("".join(str(IMAGE_NAME_DIGITS.index(c)) for c in body))
 
 
+def image_code_name(code: int) -> str:
+    """The `IMGIMG` token name of a codebook index (trailing character `Z`, as Chameleon's)."""
+    return IMAGE_NAME_PREFIX + "".join(IMAGE_NAME_DIGITS[int(c)] for c in str(int(code))) + "Z"
+
+
 def image_code_map(vocab_map: dict[str, int], where: str = "") -> np.ndarray:
     """(8192,) token id of every codebook index, from the `IMGIMG...` names of a vocabulary."""
     code_to_id = np.full(vocab.CODEBOOK_SIZE, -1, dtype=np.int64)

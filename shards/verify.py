@@ -10,6 +10,7 @@ num_bins, end marker; text ids outside every special range); the segment order o
     from shards.verify import verify
     report = verify("out/demo/shards")      # report.problems == [] when everything is right
     rynn-pipe verify out/demo/shards         # exits non-zero on any problem
+    rynn-pipe verify https://host/demo/shards   # a shard set at a URL (shards/remote.py)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import gzip
 import io
 import json
 import tarfile
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +27,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.errors import DataError
 from pipeline.io import sha256_bytes
 from shards import vocab
 from shards.conversation import VLA
 from shards.format import CHUNK, MANIFEST, META, SCHEMA, TOKENS, parse_members
+from shards.remote import RemoteShardSet, is_url
 from shards.tokenizer import special_mask
 from shards.bins import from_bins
 
@@ -304,9 +308,34 @@ def check_totals(manifest: dict[str, Any], report: Report) -> None:
                                    f"manifest says {t['samples']}")
 
 
+def check_remote_shard(remote, entry: dict[str, Any], lay: Layout, splits: dict[str, str],
+                       report: Report, keys: set[tuple[str, str]]) -> None:
+    """A shard of a URL shard set: downloaded and sha256-checked (a mismatch is one problem and
+    its samples are not read), then checked as a local shard."""
+    try:
+        with remote.local(entry["path"]):
+            check_shard(remote.root, entry, lay, splits, report, keys)
+    except DataError as exc:
+        report.problems.append(f"{entry['path']}: {exc}")
+        report.shards += 1
+
+
 def verify(directory: str | Path) -> Report:
-    """Every problem of the shard set in `directory` (an empty list when it is sound)."""
-    root, report = Path(directory), Report()
+    """Every problem of the shard set in `directory` (an empty list when it is sound).
+    `directory` may be a URL of a shard set (shards/remote.py): each shard is downloaded afresh
+    (never from the cache) into a temporary directory, checked, and deleted."""
+    if is_url(directory):
+        with tempfile.TemporaryDirectory(prefix="rynn-verify-") as tmp:
+            try:
+                remote = RemoteShardSet(str(directory), cache_dir=tmp, max_bytes=1)
+            except DataError as exc:
+                return Report(problems=[str(exc)])
+            return _verify(remote.root, remote)
+    return _verify(Path(directory), None)
+
+
+def _verify(root: Path, remote) -> Report:
+    report = Report()
     try:
         manifest = json.loads((root / MANIFEST).read_text())
         lay = Layout.from_manifest(manifest)
@@ -319,7 +348,10 @@ def verify(directory: str | Path) -> Report:
     splits = manifest.get("splits", {}).get("episodes", {})
     keys: set[tuple[str, str]] = set()
     for entry in manifest["shards"]:
-        check_shard(root, entry, lay, splits, report, keys)
+        if remote is None:
+            check_shard(root, entry, lay, splits, report, keys)
+        else:
+            check_remote_shard(remote, entry, lay, splits, report, keys)
     check_files(root, manifest, report)
     check_totals(manifest, report)
     return report

@@ -160,7 +160,7 @@ class PolicyAgent:
         self.malformed = []
 
     def chunk(self, env: Env, obs: Observation, prev: Observation | None) -> np.ndarray:
-        from trainer.policy import MalformedActions
+        from trainer.card import MalformedActions
         prev = prev if self.history else None
         try:
             return self.policy.act(obs.instruction, obs.state, obs.front, obs.wrist,
@@ -175,10 +175,10 @@ class PolicyAgent:
 def baseline_card(path: Path):
     """The card the `mean` baseline reads: a checkpoint's, or one made from a shard directory."""
     from trainer.checkpoint import processor_card
-    from trainer.policy import PolicyError, card_from_dict, read_card, resolve_checkpoint
+    from trainer.card import PolicyError, parse_card, read_card, resolve_checkpoint
     path = Path(path)
     if (path / "manifest.json").is_file():
-        return card_from_dict(processor_card(path), str(path / "manifest.json"))
+        return parse_card(processor_card(path), where=str(path / "manifest.json"))
     try:
         return read_card(resolve_checkpoint(path))
     except PolicyError as exc:
@@ -405,7 +405,7 @@ def check_runnable(cfg: RolloutConfig) -> int:
     if cfg.policy == "mean":
         baseline_card(cfg.shards)
     elif cfg.policy not in BASELINES:
-        from trainer.policy import read_card, resolve_checkpoint
+        from trainer.card import read_card, resolve_checkpoint
         read_card(resolve_checkpoint(cfg.policy))
     probe = make_env(cfg.env, **cfg.env_kwargs)
     try:

@@ -108,3 +108,31 @@ def test_missing_or_wrong_weights_are_named(tmp_path):
         load_lpips(tmp_path / "empty")
     with pytest.raises(RynnError, match="uint8"):
         load_lpips(write_lpips_weights(tmp_path / "w3"))(np.zeros((1, 8, 8, 3)), _images(0, 1, 8))
+
+
+def test_the_lpips_packages_weight_folder_as_shipped(tmp_path, monkeypatch):
+    """lpips ships `weights/v0.1/{alex,vgg,squeeze}.pth` without backbones (torchvision keeps
+    those in torch hub's cache): --lpips-net picks the network; none given is an error naming it."""
+    import shutil
+    alex, vgg = write_lpips_weights(tmp_path / "a", "alex"), write_lpips_weights(tmp_path / "v", "vgg")
+    shipped, hub = tmp_path / "lpips" / "weights" / "v0.1", tmp_path / "hub"
+    shipped.mkdir(parents=True)
+    (hub / "checkpoints").mkdir(parents=True)
+    for src, net, backbone in ((alex, "alex", "alexnet-owt-7be5be79.pth"),
+                               (vgg, "vgg", "vgg16-397923af.pth")):
+        shutil.copy(src / f"{net}.pth", shipped)
+        shutil.copy(src / backbone, hub / "checkpoints")
+    torch.save({"lin0.model.1.weight": torch.ones(1, 64, 1, 1)}, shipped / "squeeze.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    with pytest.raises(RynnError, match=r"alex.pth, vgg.pth; choose one with --lpips-net alex\|vgg"):
+        load_lpips(shipped)
+    a, b = _images(0), _images(1)
+    for net, reference in (("alex", alex), ("vgg", vgg)):
+        metric = load_lpips(shipped, net=net)
+        assert metric.net == net
+        np.testing.assert_array_equal(metric(a, b), load_lpips(reference)(a, b))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty"))
+    with pytest.raises(RynnError, match=r"needs torchvision's alexnet\*.pth backbone"):
+        load_lpips(shipped, net="alex")
+    with pytest.raises(RynnError, match=r"--lpips-net 'squeeze'"):
+        load_lpips(shipped, net="squeeze")

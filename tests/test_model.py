@@ -11,8 +11,9 @@ from transformers import ChameleonForConditionalGeneration
 from pipeline.errors import RynnError
 from shards import vocab as v
 from trainer.config import PRESETS, TrainConfig
+from trainer.mask import attention_mask_4d
 from trainer.model import RynnModel, chameleon_config
-from trainer.policy import Backend, Stepper
+from trainer.engine import Backend, Stepper
 
 K, D = 2, 3
 
@@ -158,3 +159,58 @@ def test_cached_decoding_matches_the_training_forward():
             stepper.append(int(ids[0, t]))
             steps.append(stepper.next_logits())
         assert torch.allclose(torch.stack(steps), full[7:-1].float(), atol=1e-4), use_cache
+
+
+def _hf_dir(tmp_path, **changes):
+    """A transformers-saved Chameleon checkpoint of the `test` shape with `changes` applied."""
+    torch.manual_seed(2)
+    config = chameleon_config(PRESETS["test"])
+    for key, value in changes.items():
+        if key == "rope_theta":
+            config.rope_parameters = {"rope_type": "default", "rope_theta": value}
+        else:
+            setattr(config, key, value)
+    hf = ChameleonForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def test_init_adopts_the_checkpoints_rope_norm_eps_and_swin_norm(tmp_path):
+    """A checkpoint whose rope_theta, rms_norm_eps and swin_norm differ from the preset: each is
+    adopted and named, and the model then computes transformers' hidden states exactly."""
+    from trainer.pretrained import reconcile
+    hf = _hf_dir(tmp_path, rope_theta=500000.0, rms_norm_eps=1e-6, swin_norm=True)
+    adopted, notes = reconcile(PRESETS["test"], tmp_path)
+    assert (adopted.rope_theta, adopted.rms_norm_eps, adopted.swin_norm) == (500000.0, 1e-6, True)
+    assert [n.split("adopted ")[1].split("=")[0] for n in notes] == \
+        ["rope_theta", "rms_norm_eps", "swin_norm"]
+    ids = _vla()
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        want = hf.model(input_ids=ids, attention_mask=attention_mask_4d(ids, valid)).last_hidden_state
+        for cfg, close in ((adopted, True), (PRESETS["test"], False)):
+            model = RynnModel(cfg, chunk=5, action_dim=7).eval()
+            model.load_pretrained(tmp_path)
+            assert torch.allclose(model.hidden(ids, valid), want, atol=1e-5) is close
+
+
+def test_init_refuses_fields_that_shape_the_weights(tmp_path):
+    from trainer.pretrained import reconcile
+    _hf_dir(tmp_path, attention_bias=True)
+    with pytest.raises(RynnError, match=r"attention_bias=True \(rynn-pipe builds False\)"):
+        reconcile(PRESETS["test"], tmp_path)
+    with pytest.raises(RynnError, match=r"hidden_size=64 \(preset 'tiny' has model.hidden=256\)"
+                                        r".*--set model.hidden=64"):
+        reconcile(PRESETS["tiny"], tmp_path)
+
+
+def test_train_with_init_records_the_adopted_config(tmp_path, tiny_shards):
+    """Through `train`: the adopted fields are said and saved in the checkpoint's config."""
+    from trainer.checkpoint import read_config
+    from trainer.config import resolve_train_config
+    from trainer.train import train
+    _hf_dir(tmp_path / "hf", rope_theta=20000.0, swin_norm=True)
+    cfg = resolve_train_config("test", ["batch_size=2", "eval_every=100"], steps=1)
+    step = train(cfg, tiny_shards, tmp_path / "run", init=tmp_path / "hf")
+    saved, _, _ = read_config(step)
+    assert (saved.model.rope_theta, saved.model.swin_norm) == (20000.0, True)

@@ -25,9 +25,13 @@ from pipeline.io import load_npz, read_json
 from pipeline.workflow import resolve_config, tokenize
 from shards import vocab
 from shards.reader import read_shard
+from shards.bins import from_bins, unnormalize
+from trainer import card as card_mod
+from trainer import engine
 from trainer import policy as pol
-from trainer.policy import (MalformedActions, Policy, PolicyError, attention_rule,
-                            parse_action_blocks)
+from trainer.card import MalformedActions, PolicyError
+from trainer.engine import attention_rule, parse_action_blocks
+from trainer.policy import Policy
 from trainer.checkpoint import processor_card, save
 from trainer.config import PRESETS, resolve_train_config
 from trainer.model import RynnModel
@@ -58,7 +62,7 @@ def fit_output(model: RynnModel, sample, steps: int = 150) -> None:
     """Fit only the output projection so argmax reproduces the sample's response."""
     ids = np.asarray(sample.tokens, np.int64)
     start = int(sample.targets[0][0])
-    mask = pol.additive_mask(torch.from_numpy(attention_rule(ids)), torch.float32)
+    mask = engine.additive_mask(torch.from_numpy(attention_rule(ids)), torch.float32)
     with torch.no_grad():
         hidden = model.backbone(input_ids=torch.from_numpy(ids)[None],
                                 attention_mask=mask).last_hidden_state[0, start - 1:-1]
@@ -164,7 +168,7 @@ def test_act_both_modes(ckpt):
     # the fitted response decodes to the shard's bins, in robot units
     stats = policy.card.stats
     chunk = first_vla(pipe).chunk.astype(np.float64)
-    assert np.abs(disc - pol.unnormalize(chunk, stats.action.min, stats.action.max)).max() \
+    assert np.abs(disc - unnormalize(chunk, stats.action.min, stats.action.max)).max() \
         <= (stats.action.max - stats.action.min).max() / 255 + 1e-9
 
 
@@ -198,11 +202,11 @@ def test_refuses_mismatched_inputs(ckpt, tmp_path):
         policy.act(**{**inputs, "front": inputs["front"].astype(np.float32)})
     with pytest.raises(PolicyError, match="VQ-GAN .* digest"):
         other_vq = {**policy.card.vq, "source": "random-small-seed1"}
-        pol.load_vq_for(replace(policy.card, vq=other_vq), None, torch.device("cpu"))
+        card_mod.load_vq_for(replace(policy.card, vq=other_vq), None, torch.device("cpu"))
     from fixtures_tokenizer import write_tokenizer
     path, _ = write_tokenizer(tmp_path / "text_tokenizer.json", seed=0)
     with pytest.raises(PolicyError, match="tokenizer .* digest"):
-        pol.load_tokenizer_for(policy.card, path)
+        card_mod.load_tokenizer_for(policy.card, path)
 
 
 def test_attention_rule_hides_earlier_action_blocks():
@@ -277,6 +281,6 @@ def test_grammar_forces_well_formed_actions():
     np.testing.assert_array_equal(bins, [[6, 2, 7], [4, 9, 5]])
     np.testing.assert_array_equal(policy.last_generation,
                                   np.concatenate([vocab.action_block(b) for b in bins]))
-    np.testing.assert_allclose(norm, pol.from_bins(bins, 9))
-    tokens, is_bin = pol.response_grammar(k, d)
+    np.testing.assert_allclose(norm, from_bins(bins, 9))
+    tokens, is_bin = engine.response_grammar(k, d)
     assert len(tokens) == k * (d + 2) + 1 and tokens[-1] == vocab.SEP and is_bin.sum() == k * d

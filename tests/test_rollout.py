@@ -131,7 +131,7 @@ def test_malformed_generation_ends_the_episode_not_the_rollout():
     from types import SimpleNamespace
     from sim.env import make_env
     from sim.rollout import PolicyAgent, run_episode
-    from trainer.policy import MalformedActions
+    from trainer.card import MalformedActions
 
     class Stub:
         card = SimpleNamespace(history=2)

@@ -66,7 +66,7 @@ def test_resume_refuses_other_shards_or_model(tiny_shards, tmp_path):
     run = tmp_path / "run"
     train(_cfg(steps=3), tiny_shards, run)
     other = replace(_cfg(steps=6), model=replace(_cfg().model, layers=3))
-    with pytest.raises(RynnError, match="another model shape; use the same --preset"):
+    with pytest.raises(RynnError, match=r"another model shape \(model.layers: saved 2, now 3\)"):
         train(other, tiny_shards, run, resume=True)
 
 

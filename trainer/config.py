@@ -30,6 +30,11 @@ class ModelConfig:
     head_dropout: float = 0.1
     residual_dropout: float = 0.0  # attention dropout of the backbone (0.05-0.1 published)
     gradient_checkpointing: bool = False
+    # Chameleon architecture facts that change no weight shape (`--init` adopts a checkpoint's)
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    swin_norm: bool = False
+    hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
         _check(self.hidden % self.heads == 0, "model.hidden", "must be divisible by model.heads")

@@ -45,7 +45,8 @@ from pipeline.io import read_json, write_bytes, write_json
 from shards import vocab
 from shards.bins import Stats, unnormalize
 from trainer import metrics
-from trainer.policy import MalformedActions, Policy
+from trainer.card import MalformedActions
+from trainer.policy import Policy
 from trainer.world_model import (decode_codes, generate_frames, image_blocks_in, block_codes,
                                  response_codes, strip_image, wm_layout)
 
@@ -295,6 +296,7 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
              max_samples: int = 32, max_discrete: int = 16, max_generate: int = 4,
              vq_path: str | None = None, tokenizer_path: str | None = None,
              device: str = "auto", lpips_weights: str | Path | None = None,
+             lpips_net: str | None = None,
              fvd_weights: str | Path | None = None, fvd_videos: int = 8,
              fvd_frames: int = 16) -> dict[str, Any]:
     """Evaluate `checkpoint` on `shards` (val split); write report.json and plots into `out`.
@@ -312,7 +314,7 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
     vla, wm = VlaTally(), WmTally()
     if lpips_weights is not None:
         from trainer.lpips import load_lpips
-        wm.lpips_metric = load_lpips(lpips_weights, device=policy.backend.device)
+        wm.lpips_metric = load_lpips(lpips_weights, device=policy.backend.device, net=lpips_net)
     detector = None
     if fvd_weights is not None:
         from trainer.fvd import load_detector

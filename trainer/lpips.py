@@ -2,11 +2,14 @@
 
 Nothing can be downloaded here, so the metric runs only when `rynn-pipe eval --lpips-weights DIR`
 points at a directory holding the two files the reference implementation (the `lpips` package)
-loads:
+loads (`--lpips-net alex|vgg` picks one when both are there, as in the lpips package's own
+`lpips/weights/v0.1/` folder, which can be given as it is):
     alex.pth  or  vgg.pth         the linear calibration layers of LPIPS v0.1 (keys
                                   `lin{k}.model.1.weight`, shape (1, C_k, 1, 1))
     alexnet-*.pth or vgg16-*.pth  torchvision's ImageNet backbone checkpoint (keys
-                                  `features.{i}.weight/bias`; its `classifier.*` is unused)
+                                  `features.{i}.weight/bias`; its `classifier.*` is unused), in
+                                  the directory or in torch hub's cache (`$TORCH_HOME/hub/
+                                  checkpoints`, where torchvision downloads it)
 Every backbone feature key and every calibration key must be present with its shape (strict).
 
 The network is the reference's: inputs in [-1, 1] shifted and scaled per channel, the backbone's
@@ -134,27 +137,46 @@ def _strict(path: Path, got: dict[str, torch.Tensor], want: dict[str, torch.Tens
                                     + ([f"wrong shapes {wrong[:4]}"] if wrong else [])))
 
 
-def find_files(directory: Path) -> tuple[str, Path, Path]:
-    """(net, calibration file, backbone file) in a weights directory."""
+def find_files(directory: Path, net: str | None = None) -> tuple[str, Path, Path]:
+    """(net, calibration file, backbone file) for a weights directory. `net` picks alex or vgg;
+    without it the directory must hold only one of alex.pth / vgg.pth. The backbone file is
+    looked for in the directory, then in torch hub's checkpoint cache (where torchvision keeps
+    it), so the lpips package's own `weights/v0.1/` folder works as shipped."""
     directory = Path(directory)
     if not directory.is_dir():
         raise RynnError(f"--lpips-weights {directory}: not a directory (it must hold alex.pth or "
-                        "vgg.pth and the matching torchvision backbone checkpoint)")
-    for net, (_, _, pattern) in NETS.items():
-        lin = directory / f"{net}.pth"
-        if lin.exists():
-            backbones = sorted(directory.glob(pattern))
-            if len(backbones) != 1:
-                raise RynnError(f"--lpips-weights {directory}: {lin.name} needs exactly one "
-                                f"torchvision backbone file matching {pattern}, found "
-                                f"{[p.name for p in backbones]}")
-            return net, lin, backbones[0]
-    raise RynnError(f"--lpips-weights {directory}: no alex.pth or vgg.pth (LPIPS v0.1 "
-                    "calibration weights) found")
+                        "vgg.pth; the lpips package ships them in lpips/weights/v0.1/)")
+    if net is not None and net not in NETS:
+        raise RynnError(f"--lpips-net {net!r}: choose one of {sorted(NETS)}")
+    present = [n for n in NETS if (directory / f"{n}.pth").exists()]
+    if net is None and len(present) > 1:
+        raise RynnError(f"--lpips-weights {directory}: holds {', '.join(f'{n}.pth' for n in present)}"
+                        f"; choose one with --lpips-net {'|'.join(present)}")
+    net = net or (present[0] if present else None)
+    if net is None or net not in present:
+        raise RynnError(f"--lpips-weights {directory}: no {net + '.pth' if net else 'alex.pth or vgg.pth'}"
+                        " (LPIPS v0.1 calibration weights) found")
+    return net, directory / f"{net}.pth", _backbone(directory, net)
 
 
-def load_lpips(directory: str | Path, device: str | torch.device = "cpu") -> LPIPS:
-    net, lin_path, backbone_path = find_files(Path(directory))
+def _backbone(directory: Path, net: str) -> Path:
+    pattern = NETS[net][2]
+    places = [directory, Path(torch.hub.get_dir()) / "checkpoints"]
+    for place in places:
+        found = sorted(place.glob(pattern)) if place.is_dir() else []
+        if len(found) > 1:
+            raise RynnError(f"--lpips-weights: {place} holds several {pattern} files "
+                            f"{[p.name for p in found]}; keep one")
+        if found:
+            return found[0]
+    raise RynnError(f"--lpips-weights {directory}: {net}.pth needs torchvision's {pattern} "
+                    f"backbone checkpoint, found in neither {places[0]} nor {places[1]}; put "
+                    "it in either")
+
+
+def load_lpips(directory: str | Path, device: str | torch.device = "cpu",
+               net: str | None = None) -> LPIPS:
+    net, lin_path, backbone_path = find_files(Path(directory), net)
     metric = LPIPS(net)
     want_features = {f"features.{k}": v for k, v in metric.features.state_dict().items()}
     backbone = _load(backbone_path)

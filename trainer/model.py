@@ -42,6 +42,8 @@ def chameleon_config(cfg: ModelConfig) -> ChameleonConfig:
         num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_positions,
         attention_dropout=cfg.residual_dropout, vq_config=_STUB_VQ,
         vocabulary_map={"<image>": IMAGE_TOKEN}, bos_token_id=vocab.BOS, pad_token_id=None,
+        rms_norm_eps=cfg.rms_norm_eps, swin_norm=cfg.swin_norm, hidden_act=cfg.hidden_act,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         attn_implementation="sdpa")
 
 

@@ -33,7 +33,6 @@ Modes (SPEC.md 8):
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,73 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import RynnError
 from shards import vocab
-from shards.conversation import Codec, assemble, image_blocks, vla_prompt_text
-from shards.bins import Stats, from_bins, unnormalize
-from trainer.mask import may_attend
+from shards.conversation import assemble, image_blocks, vla_prompt_text
+from shards.bins import unnormalize
+from trainer.card import (Card, MalformedActions, PolicyError, load_tokenizer_for,
+                          load_vq_for, read_card, resolve_checkpoint)
+from trainer.engine import (Backend, Stepper, allowed_bins, attention_rule, bins_to_norm,
+                            parse_action_blocks, response_grammar)
 
 MODES = ("continuous", "discrete")
-ORIENTATIONS = ("rot180", "none")
-RANDOM_VQ_SOURCE = re.compile(r"random-(\w+)-seed(\d+)")
-
-
-class PolicyError(RynnError):
-    """Inputs that do not match the checkpoint's processor card, or an unusable checkpoint."""
-
-
-class MalformedActions(PolicyError):
-    """Discrete decoding produced action blocks that cannot be parsed; `problems` lists why."""
-
-    def __init__(self, problems: list[str], tokens: np.ndarray) -> None:
-        super().__init__("malformed generated action blocks: " + "; ".join(problems))
-        self.problems, self.tokens = problems, tokens
-
-
-# ---------------------------------------------------------------------------------------------
-# The processor card (what preprocessing needs).
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Card:
-    """The preprocessing facts of a checkpoint, read from its `processor.json`."""
-
-    resolution: int
-    orientation: str
-    chunk: int                       # K
-    action_dim: int                  # D
-    state_dim: int
-    history: int                     # M
-    stats: Stats
-    tokenizer: dict[str, Any]        # {"kind", "digest", "path"}
-    vq: dict[str, Any]               # {"digest", "untrained", "source", "arch"}
-    recipe: str = ""
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def published_fit(self) -> bool:
-        """Trained on shards made with compat=published (the published image fitting)."""
-        return self.raw.get("fit") == "published"
-
-    @property
-    def relative_dims(self) -> tuple[int, ...]:
-        return tuple(self.stats.relative_action_dims)
-
-    @property
-    def num_bins(self) -> int:
-        return self.stats.num_bins
-
-    def codec(self) -> Codec:
-        return Codec.from_stats(self.stats, self.num_bins, self.relative_dims)
-
-    def __post_init__(self) -> None:
-        if self.orientation not in ORIENTATIONS:
-            raise PolicyError(f"processor card: orientation {self.orientation!r} is not one of "
-                              f"{ORIENTATIONS}")
-        if self.stats.action.dim != self.action_dim or self.stats.state.dim != self.state_dim:
-            raise PolicyError(f"processor card: stats dims (state {self.stats.state.dim}, action "
-                              f"{self.stats.action.dim}) differ from the card's state_dim "
-                              f"{self.state_dim} / action_dim {self.action_dim}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,84 +110,6 @@ def to_robot_units(card: Card, norm: np.ndarray, state: np.ndarray) -> np.ndarra
         dims = list(card.relative_dims)
         out[:, dims] += state[dims]
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing generated action blocks.
-# ---------------------------------------------------------------------------------------------
-
-def parse_action_blocks(tokens: np.ndarray, k: int, d: int) -> tuple[np.ndarray, list[str]]:
-    """Generated response tokens (up to and excluding SEP) -> (bins (n, d), problems).
-
-    The expected shape is exactly `k` blocks `[ACTION_START, d bin tokens, ACTION_END]` and
-    nothing else. Every deviation is listed in `problems`; well-formed blocks are still returned.
-    """
-    tokens = np.asarray(tokens, dtype=np.int64)
-    problems, blocks, i = [], [], 0
-    while i < len(tokens):
-        if tokens[i] != vocab.ACTION_START:
-            j = i + int(np.argmax(np.append(tokens[i:], vocab.ACTION_START) == vocab.ACTION_START))
-            problems.append(f"{j - i} token(s) outside action blocks at positions {i}..{j - 1}: "
-                            f"{tokens[i:min(j, i + 5)].tolist()}{' ...' if j - i > 5 else ''}")
-            i = j
-            continue
-        end, closed = _block_end(tokens, i)
-        body = tokens[i + 1:end]
-        problems += _block_problems(body, len(blocks), d, closed)
-        if closed and len(body) == d and vocab.is_action_bin(body).all():
-            blocks.append(body - vocab.ACTION_BIN_BASE)
-        i = end + 1 if closed else end
-    if len(blocks) != k:
-        problems.append(f"{len(blocks)} well-formed action blocks, expected K={k}")
-    bins = np.stack(blocks) if blocks else np.zeros((0, d), np.int64)
-    return bins, problems
-
-
-def _block_end(tokens: np.ndarray, start: int) -> tuple[int, bool]:
-    """(index where the block's body ends, closed by ACTION_END?); a new ACTION_START or the end
-    of the tokens also ends it, unclosed."""
-    for j in range(start + 1, len(tokens)):
-        if tokens[j] == vocab.ACTION_END:
-            return j, True
-        if tokens[j] == vocab.ACTION_START:
-            return j, False
-    return len(tokens), False
-
-
-def _block_problems(body: np.ndarray, index: int, d: int, closed: bool) -> list[str]:
-    out = []
-    if not closed:
-        out.append(f"action block {index} is not closed by ACTION_END")
-    if len(body) != d:
-        out.append(f"action block {index} has {len(body)} tokens inside, expected D={d}")
-    bad = body[~vocab.is_action_bin(body)]
-    if len(bad):
-        out.append(f"action block {index} holds non-bin token(s) {bad[:5].tolist()}")
-    return out
-
-
-def response_grammar(k: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed shape of a discrete response: (tokens, is_bin), K (D + 2) + 1 positions.
-
-    `tokens` holds the one token the grammar allows at each structural position (ACTION_START,
-    ACTION_END, the closing SEP) and 0 at the K x D bin positions, where `is_bin` is true.
-    """
-    block = np.array([vocab.ACTION_START, *[0] * d, vocab.ACTION_END], np.int64)
-    tokens = np.append(np.tile(block, k), vocab.SEP)
-    is_bin = np.append(np.tile([False, *[True] * d, False], k), False)
-    return tokens, is_bin
-
-
-def allowed_bins(num_bins: int) -> torch.Tensor:
-    """Bool (V,) mask of the action-bin tokens of bins 1..num_bins."""
-    mask = torch.zeros(vocab.VOCAB_SIZE, dtype=torch.bool)
-    mask[vocab.ACTION_BIN_BASE + 1:vocab.ACTION_BIN_BASE + num_bins + 1] = True
-    return mask
-
-
-def bins_to_norm(bins: np.ndarray, num_bins: int) -> np.ndarray:
-    """Bin ids (1..num_bins) -> normalized bin centres."""
-    return from_bins(bins, num_bins)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,104 +199,6 @@ class Processor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The attention rule at inference (SPEC.md 7) and incremental decoding with or without a cache.
-# ---------------------------------------------------------------------------------------------
-
-def attention_rule(ids: np.ndarray, start: int = 0) -> np.ndarray:
-    """Rows start.. of the (L, L) "may attend" matrix of one sequence: the training mask
-    (`trainer.mask.may_attend`, SPEC.md 7), so generation attends exactly as training did."""
-    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
-    return may_attend(ids_t)[0, start:].numpy()
-
-
-class Stepper:
-    """Token-by-token decoding of one sequence under `attention_rule`.
-
-    use_cache=True: the prompt runs once and each new token runs alone against the KV cache;
-    use_cache=False: every step reruns the whole sequence (the baseline the bench compares).
-    """
-
-    def __init__(self, backend: "Backend", prompt: np.ndarray, *, use_cache: bool = True) -> None:
-        self.backend, self.use_cache = backend, use_cache
-        self.ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
-        self.cache = backend.new_cache() if use_cache else None
-        self.done = 0                  # tokens already in the cache
-        self.forwards = 0
-
-    def next_logits(self) -> torch.Tensor:
-        """Logits (V,) for the token after the current sequence."""
-        start = self.done if self.use_cache else 0
-        rows = torch.from_numpy(attention_rule(np.asarray(self.ids), start))
-        hidden = self.backend.run(self.ids[start:], start, rows, self.cache)
-        self.forwards += 1
-        if self.use_cache:
-            self.done = len(self.ids)
-        return self.backend.logits(hidden[0, -1]).float()
-
-    def append(self, token: int) -> None:
-        self.ids.append(int(token))
-
-    def greedy(self, allowed: torch.Tensor | None = None) -> int:
-        """The argmax next token, restricted to `allowed` ids (a bool (V,) mask) if given."""
-        logits = self.next_logits()
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
-        token = int(logits.argmax())
-        self.append(token)
-        return token
-
-
-# ---------------------------------------------------------------------------------------------
-# The model behind the policy.
-# ---------------------------------------------------------------------------------------------
-
-def additive_mask(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool (n, m) "may attend" rows -> additive float mask (1, 1, n, m) (safe for any attention)."""
-    out = torch.zeros(rows.shape, dtype=dtype)
-    return out.masked_fill(~rows, torch.finfo(dtype).min)[None, None]
-
-
-@dataclass
-class Backend:
-    """The trained network seen through the four operations inference needs."""
-
-    model: torch.nn.Module
-    device: torch.device
-
-    @torch.inference_mode()
-    def run(self, ids: list[int], start: int, rows: torch.Tensor, cache) -> torch.Tensor:
-        """Hidden states (1, n, H) of tokens `ids` at positions start.. (after the final norm)."""
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        pos = torch.arange(start, start + len(ids), device=self.device)[None]
-        mask = additive_mask(rows, self.dtype).to(self.device)
-        out = self.backbone(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache,
-                            use_cache=cache is not None)
-        return out.last_hidden_state
-
-    @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
-
-    @torch.inference_mode()
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states (1, L, H) of the context -> normalized actions (K, D)."""
-        pad = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        return self.model.action_head(hidden, pad)[0]
-
-    def new_cache(self):
-        from transformers.cache_utils import DynamicCache
-        return DynamicCache(config=self.backbone.config)
-
-    @property
-    def backbone(self) -> torch.nn.Module:
-        return self.model.backbone
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-
-# ---------------------------------------------------------------------------------------------
 # The policy.
 # ---------------------------------------------------------------------------------------------
 
@@ -452,12 +217,28 @@ class Policy:
                         tokenizer_path: str | Path | None = None,
                         device: str = "auto") -> "Policy":
         from shards.vq import resolve_device
+        from trainer.export import is_export
+        if is_export(path):
+            if vq_path is not None or tokenizer_path is not None:
+                raise PolicyError(f"{path} is an export: it carries its own VQ-GAN and "
+                                  "tokenizer; drop vq_path / tokenizer_path")
+            return cls.from_pretrained(path, device=device)
         step_dir = resolve_checkpoint(path)
         card = read_card(step_dir)
         dev = resolve_device(device)
         processor = Processor(card, load_tokenizer_for(card, tokenizer_path),
                               load_vq_for(card, vq_path, dev))
         return cls(processor, Backend(load_model(step_dir, dev), dev))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str = "auto") -> "Policy":
+        """An `rynn-pipe export` directory (trainer/export.py): weights, VQ-GAN, tokenizer and
+        card all come from it."""
+        from shards.vq import resolve_device
+        from trainer.export import load_parts
+        dev = resolve_device(device)
+        card, tokenizer, vq, model = load_parts(path, dev)
+        return cls(Processor(card, tokenizer, vq), Backend(model, dev))
 
     # -- prompts
 
@@ -541,87 +322,6 @@ class Policy:
         hidden = self.backend.run(ids.tolist(), 0, torch.from_numpy(attention_rule(ids)), None)
         return self.backend.logits(hidden[0, torch.as_tensor(positions)]).float()
 
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer and VQ-GAN, checked against the card.
-# ---------------------------------------------------------------------------------------------
-
-def load_tokenizer_for(card: Card, path: str | Path | None):
-    """The text tokenizer the card names: `path`, the recorded path, or the fallback."""
-    from shards.tokenizer import fallback_tokenizer, load_text_tokenizer
-    want = card.tokenizer.get("digest")
-    if path is None and card.tokenizer.get("kind") == "fallback":
-        tok = fallback_tokenizer(warn=False)
-    elif path is None and card.tokenizer.get("path") and Path(card.tokenizer["path"]).is_file():
-        tok = load_text_tokenizer(card.tokenizer["path"])
-    elif path is None:
-        raise PolicyError(f"this checkpoint was trained with the Chameleon tokenizer "
-                          f"(sha256 {want}); pass tokenizer_path / --tokenizer-path")
-    else:
-        tok = load_text_tokenizer(path)
-    if tok.digest != want:
-        raise PolicyError(f"tokenizer {path or card.tokenizer.get('path') or tok.kind} has digest "
-                          f"{tok.digest}, but the checkpoint was trained with {want}: its text "
-                          "and image ids would mean other tokens; pass the tokenizer used to "
-                          "build the training shards")
-    return tok
-
-
-def load_vq_for(card: Card, path: str | Path | None, device: torch.device):
-    """The VQ-GAN the card names (a path, or the seeded random init it records); digest-checked."""
-    from shards.vq import load_vq
-    want, source = card.vq.get("digest"), str(card.vq.get("source") or "")
-    match = RANDOM_VQ_SOURCE.fullmatch(source)
-    if path is None and not match:
-        raise PolicyError(f"this checkpoint's image tokens come from VQ-GAN {source!r} (digest "
-                          f"{want}); pass vq_path / --vq-path")
-    handle = (load_vq(path, device=device) if path is not None else
-              load_vq(None, random_arch=match.group(1), seed=int(match.group(2)), device=device))
-    if handle.digest != want:
-        raise PolicyError(f"VQ-GAN {path or source} has digest {handle.digest}, but the "
-                          f"checkpoint's shards were tokenized with {want}: its image tokens "
-                          "would differ; pass the VQ-GAN used by the pretokenize stage")
-    return handle
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint directory and processor card.
-# ---------------------------------------------------------------------------------------------
-
-CARD_FILE = "processor.json"
-LATEST = "latest"
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A `step-NNNNNN/` directory, or a run directory / `latest` pointer leading to one."""
-    path = Path(path)
-    if path.is_file() and path.name == LATEST:
-        path = path.parent / path.read_text().strip()
-    elif path.is_dir() and not (path / CARD_FILE).exists() and (path / LATEST).exists():
-        return resolve_checkpoint(path / LATEST)
-    if not (path / CARD_FILE).is_file():
-        raise PolicyError(f"{path}: no {CARD_FILE}: not a checkpoint directory (expected a "
-                          f"run's step-NNNNNN/ directory, the run directory, or its '{LATEST}')")
-    return path.resolve()
-
-
-def read_card(step_dir: Path) -> Card:
-    """Parse `processor.json` into a Card (missing fields are named in the error)."""
-    from pipeline.io import read_json
-    return card_from_dict(read_json(step_dir / CARD_FILE), str(step_dir / CARD_FILE))
-
-
-def card_from_dict(doc: dict[str, Any], where: str) -> Card:
-    """A processor card document (`trainer.checkpoint.processor_card`) -> Card."""
-    try:
-        stats = Stats.from_dict(doc["stats"], where=where)
-        return Card(resolution=int(doc["resolution"]), orientation=str(doc["orientation"]),
-                    chunk=int(doc["K"]), action_dim=int(doc["D"]),
-                    state_dim=int(doc.get("state_dim", stats.state.dim)),
-                    history=int(doc["M"]), stats=stats, tokenizer=dict(doc["tokenizer"]),
-                    vq=dict(doc["vq"]), recipe=str(doc.get("recipe", "")), raw=doc)
-    except KeyError as exc:
-        raise PolicyError(f"{where}: missing field {exc}") from exc
 
 
 def load_model(step_dir: Path, device: torch.device) -> torch.nn.Module:

@@ -20,21 +20,24 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich.markup import escape
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline.errors import RynnError
 from pipeline.io import read_json, write_bytes, write_json
 from pipeline.progress import Progress, console
 from shards.reader import ShardReader
+from shards.remote import RemoteShardSet, is_url
 from trainer import checkpoint as ckpt
-from trainer.config import TrainConfig
+from trainer.config import ModelConfig, TrainConfig
 from trainer.model import RynnModel
+from trainer.pretrained import reconcile
 from trainer.schedule import lr_at
 
 TERMS = ("loss", "ce_action", "ce_image", "l1", "ce", "z_loss")
@@ -66,17 +69,32 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def split_samples(shards: Path, split: str) -> int:
+def shard_manifest(shards: Path | str) -> dict:
+    """The manifest of a shard set: a directory, or a URL (its locally cached manifest)."""
+    local = RemoteShardSet(shards).root if isinstance(shards, str) else shards
+    return read_json(local / "manifest.json")
+
+
+def split_samples(shards: Path | str, split: str) -> int:
     """Samples of `split` in the shard set, from its manifest totals."""
-    totals = read_json(shards / "manifest.json")["totals"]
+    totals = shard_manifest(shards)["totals"]
     return sum(int(t.get("splits", {}).get(split, 0)) for t in totals.values())
 
 
-def training_split(cfg: TrainConfig, shards: Path) -> str:
+def training_split(cfg: TrainConfig, shards: Path | str) -> str:
     """`train_split`, with "auto" read from the shard manifest (compat=published: "all")."""
     if cfg.train_split != "auto":
         return cfg.train_split
-    return read_json(shards / "manifest.json")["splits"].get("training_split", "train")
+    return shard_manifest(shards)["splits"].get("training_split", "train")
+
+
+def init_model_config(model_cfg: ModelConfig, init: Path, rank: int) -> ModelConfig:
+    """The preset with the --init checkpoint's architecture fields adopted (each one said);
+    fields that shape the weights and differ are refused (trainer/pretrained.py)."""
+    adopted, notes = reconcile(model_cfg, init)
+    for note in notes if rank == 0 else []:
+        console.print(f"[yellow]{escape(note)}[/]")
+    return adopted
 
 
 def build_model(cfg: TrainConfig, card: dict[str, Any], init: Path | None,
@@ -173,7 +191,7 @@ class Terms:
 
 
 @torch.no_grad()
-def evaluate(net: torch.nn.Module, shards: Path, cfg: TrainConfig, device: torch.device,
+def evaluate(net: torch.nn.Module, shards: Path | str, cfg: TrainConfig, device: torch.device,
              rank: int, world: int) -> dict[str, float]:
     """Mean loss terms over `eval_batches` batches of the held-out split (all ranks); none when
     the shard set holds no held-out sample (compat=published: LeRobot has no split)."""
@@ -231,16 +249,21 @@ def plot(run: Path) -> Path:
 # The run.
 # ---------------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, shards: Path, out: Path, *, resume: bool = False,
+def train(cfg: TrainConfig, shards: Path | str, out: Path, *, resume: bool = False,
           init: Path | None = None, stop_after: int | None = None) -> Path:
-    """Train on `shards` into run directory `out`; returns the latest checkpoint directory.
+    """Train on `shards` (a directory or a URL) into run directory `out`; returns the latest
+    checkpoint directory.
     `cfg` carries the preset and step count (`resolve_train_config(preset, sets, steps=)`).
     `stop_after` ends the process's work early at that step (tests: a run stopped mid-way)."""
     rank, world, device = setup_distributed()
-    shards, out = Path(shards), Path(out)
-    if not (shards / "manifest.json").exists():
+    out = Path(out)
+    shards = str(shards) if is_url(shards) else Path(shards)   # a URL: shards/remote.py
+    local = RemoteShardSet(shards).root if isinstance(shards, str) else shards
+    if not (local / "manifest.json").exists():
         raise RynnError(f"--shards {shards}: no manifest.json (run `rynn-pipe tokenize` first)")
-    card = ckpt.processor_card(shards)
+    card = ckpt.processor_card(local)
+    if init is not None:
+        cfg = replace(cfg, model=init_model_config(cfg.model, Path(init), rank))
     model = build_model(cfg, card, init, device)
     net = wrap(model, cfg, world, device)
     optimizer = build_optimizer(net, cfg)
@@ -284,11 +307,15 @@ def check_same_run(step_dir: Path, card: dict[str, Any], cfg: TrainConfig) -> No
                         "differs); resume with the same --shards or start a new --out")
     saved_cfg, _, _ = ckpt.read_config(step_dir)
     if saved_cfg.model != cfg.model:
-        raise RynnError(f"--resume: {step_dir} has another model shape; use the same --preset")
+        differ = [f"model.{f.name}: saved {getattr(saved_cfg.model, f.name)!r}, now "
+                  f"{getattr(cfg.model, f.name)!r}" for f in fields(cfg.model)
+                  if getattr(saved_cfg.model, f.name) != getattr(cfg.model, f.name)]
+        raise RynnError(f"--resume: {step_dir} has another model shape ({'; '.join(differ)}); "
+                        "use the same --preset, --set and --init")
 
 
 def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         reader: ShardReader, state: dict[str, Any], shards: Path, out: Path,
+         reader: ShardReader, state: dict[str, Any], shards: Path | str, out: Path,
          card: dict[str, Any], device: torch.device, stop_after: int | None) -> None:
     rank, world = ckpt.rank_and_world()
     batches = reader.forever()

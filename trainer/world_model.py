@@ -34,7 +34,8 @@ from pipeline.errors import RynnError
 from shards import vocab
 from shards.conversation import assemble, image_blocks
 from shards.bins import to_bins
-from trainer.policy import Stepper, check_image
+from trainer.engine import Stepper
+from trainer.policy import check_image
 
 VIEWS = ("front", "wrist")
 
