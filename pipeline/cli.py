@@ -35,15 +35,27 @@ CacheOpt = typer.Option(None, "--cache", help="Cache root [default: $RYNN_HOME/c
 
 
 def friendly(fn: Callable) -> Callable:
-    """Show user errors as one clear line and a non-zero exit, not a traceback."""
+    """Show user errors as one clear line and a non-zero exit, not a traceback: the project's
+    own errors, and an input file the OS could not open or read (named)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (RynnError, ConfigError) as exc:
-            console.print(f"[bold red]error[/]: {escape(str(exc))}")
+            _error(str(exc))
             raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            _error(f"{exc.strerror or type(exc).__name__}: {exc.filename} (check the path and "
+                   "its permissions)")
+            raise typer.Exit(1) from None
     return wrapper
+
+
+def _error(msg: str) -> None:
+    """One line, never wrapped (a log or pipe keeps it whole)."""
+    console.print(f"[bold red]error[/]: {escape(' '.join(msg.split()))}", soft_wrap=True)
 
 
 def _out(out: Optional[Path], recipe_name: str) -> Path:
@@ -111,7 +123,7 @@ def tokenize_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations
                  workers: Optional[int] = typer.Option(None, help="VQ encode processes.")) -> None:
     """Run every stage from raw demos to webdataset shards; print where the shards are."""
     from pipeline.workflow import resolve_config, tokenize
-    overrides = list(sets or []) + ([f"image.workers={workers}"] if workers else [])
+    overrides = list(sets or []) + ([f"image.workers={workers}"] if workers is not None else [])
     cfg = resolve_config(recipe_name, overrides)
     out = _out(out, recipe_name)
     done = tokenize(cfg, raw, out, cache, until=until)
@@ -122,6 +134,49 @@ def tokenize_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations
     print(out / "shards" if "shards" in done else done[list(done)[-1]])
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="Check and tidy the stage cache.")
+app.add_typer(cache_app, name="cache")
+CacheDirOpt = typer.Option(None, "--cache", help="Cache root [default: $RYNN_HOME/cache or "
+                                                 "<out>/cache].")
+CacheOutOpt = typer.Option(Path("out/demo"), "--out", "-o", help="Output directory whose cache "
+                                                                 "is meant (with no --cache).")
+
+
+@cache_app.command("verify")
+@friendly
+def cache_verify_cmd(cache: Optional[Path] = CacheDirOpt, out: Path = CacheOutOpt) -> None:
+    """Re-hash every file of every cached stage output against its stage.json."""
+    from pipeline.cache import verify_cache
+    from pipeline.workflow import cache_root
+    root = cache_root(out, cache)
+    report = verify_cache(root)
+    for problem in report.problems:
+        console.print(f"[red]DAMAGED[/] {escape(problem)}", soft_wrap=True)
+    if report.problems:
+        console.print(f"{len(report.problems)} of {report.entries} entries damaged; the next "
+                      f"run rebuilds them (or `rynn-pipe cache gc --cache {root}`)", soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"[green]OK[/] {report.entries} cache entries verified in {root}")
+
+
+@cache_app.command("gc")
+@friendly
+def cache_gc_cmd(cache: Optional[Path] = CacheDirOpt, out: Path = CacheOutOpt,
+                 keep: Optional[list[Path]] = typer.Option(
+                     None, "--keep", help="Keep only what these outputs (tokenize --out dirs or "
+                                          "shard sets) were built from (repeatable).")) -> None:
+    """Remove partial, temporary, unfinished and damaged entries (and, with --keep, every entry
+    the kept outputs do not use)."""
+    from pipeline.cache import gc
+    from pipeline.workflow import cache_root
+    root = cache_root(out, cache)
+    report = gc(root, keep=list(keep) if keep else None)
+    for line in report.removed:
+        console.print(f"removed {escape(line)}", soft_wrap=True)
+    console.print(f"[green]gc[/]: {len(report.removed)} removed, "
+                  f"{report.bytes_freed / 2**20:.1f} MiB freed in {root}")
+
+
 @app.command("verify")
 @friendly
 def verify_cmd(shards: Path = typer.Argument(..., help="A shard directory.")) -> None:
@@ -129,7 +184,7 @@ def verify_cmd(shards: Path = typer.Argument(..., help="A shard directory.")) ->
     from shards.verify import verify
     report = verify(shards)
     for problem in report.problems:
-        console.print(f"[red]FAIL[/] {problem}")
+        console.print(f"[red]FAIL[/] {escape(problem)}", soft_wrap=True)
     if report.problems:
         raise typer.Exit(1)
     console.print(f"[green]OK[/] {report.summary()}")

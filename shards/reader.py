@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DataError
-from pipeline.io import read_json
+from pipeline.io import read_json, sha256_bytes
 from shards import vocab
 
 KINDS = ("vla", "wm")
@@ -81,6 +81,7 @@ class ShardInfo:
     kind: str
     samples: int         # samples of the selected split
     total: int           # samples of every split
+    sha256: str | None = None   # from the manifest: a shard changed since it was read is refused
 
 
 # ---------------------------------------------------------------- decoding one shard
@@ -177,10 +178,19 @@ def decode_sample(key: str, members: dict[str, Any], *, file: str = "") -> Sampl
     return Sample(key, tokens, meta["targets"], chunk, meta["split"])
 
 
-def read_shard_bytes(path: Path) -> bytes:
-    """The uncompressed tar bytes of a `.tar.gz` or `.tar` shard."""
-    data = Path(path).read_bytes()
-    return gzip.decompress(data) if path.name.endswith(".gz") else data
+def read_shard_bytes(path: Path, sha256: str | None = None) -> bytes:
+    """The uncompressed tar bytes of a `.tar.gz` or `.tar` shard; with `sha256` (the manifest's),
+    a shard that differs (damaged, or re-exported while a run reads the set) is an error."""
+    try:
+        data = Path(path).read_bytes()
+        if sha256 is not None and sha256_bytes(data) != sha256:
+            raise DataError("shard differs from its sha256 in manifest.json (damaged, or the shard "
+                            "set was re-exported while being read); run `rynn-pipe verify` on it "
+                            "and restart", file=str(path))
+        return gzip.decompress(data) if path.name.endswith(".gz") else data
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"shard unreadable ({type(exc).__name__}: {exc}); run `rynn-pipe verify` "
+                        "on the shard set (re-exported while being read?)", file=str(path)) from None
 
 
 def peek_chunk_shape(path: Path, head_bytes: int = 1 << 20) -> tuple[int, int] | None:
@@ -195,10 +205,10 @@ def peek_chunk_shape(path: Path, head_bytes: int = 1 << 20) -> tuple[int, int] |
     return None
 
 
-def read_shard(path: Path, split: str = "all") -> list[Sample]:
+def read_shard(path: Path, split: str = "all", sha256: str | None = None) -> list[Sample]:
     """Every sample of one shard in stored order, keeping those of `split` ("all" keeps all)."""
     samples, key, members = [], None, {}
-    for name, payload in tar_members(read_shard_bytes(path), file=str(path)):
+    for name, payload in tar_members(read_shard_bytes(path, sha256), file=str(path)):
         name_key, ext = split_name(name)
         if name_key != key and members:
             samples.append(decode_sample(key, members, file=str(path)))
@@ -225,7 +235,8 @@ def load_shard_infos(root: Path, split: str, kinds: tuple[str, ...]) -> dict[str
         if entry["kind"] in kinds:
             path = root / entry["path"]
             count = _split_count(path, entry, split)
-            infos[entry["kind"]].append(ShardInfo(path, entry["kind"], count, entry["samples"]))
+            infos[entry["kind"]].append(ShardInfo(path, entry["kind"], count, entry["samples"],
+                                                  entry.get("sha256")))
     return infos
 
 
@@ -416,7 +427,7 @@ class ShardReader:
         raise DataError("no VLA sample has an action chunk", file=str(self.root))
 
     def _load(self, info: ShardInfo) -> Future:
-        return self._pool.submit(read_shard, info.path, self.split)
+        return self._pool.submit(read_shard, info.path, self.split, info.sha256)
 
     # -- iteration
 

@@ -25,10 +25,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.io import sha256_bytes
+from pipeline.cache import MANIFEST as STAGE_RECORD
+from pipeline.cache import output_problem
+from pipeline.io import dumps_json, sha256_bytes
 from shards import vocab
 from shards.conversation import VLA
-from shards.format import CHUNK, MANIFEST, META, SCHEMA, TOKENS, parse_members
+from shards.format import CHUNK, MANIFEST, META, SCHEMA, TOKENS, manifest_digest, parse_members
 from shards.tokenizer import special_mask
 from stages.bins import from_bins
 
@@ -285,7 +287,8 @@ def verify(directory: str | Path) -> Report:
     """Every problem of the shard set in `directory` (an empty list when it is sound)."""
     root, report = Path(directory), Report()
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest_bytes = (root / MANIFEST).read_bytes()
+        manifest = json.loads(manifest_bytes)
         lay = Layout.from_manifest(manifest)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         report.problems.append(f"{MANIFEST}: unreadable or incomplete ({type(exc).__name__}: "
@@ -299,5 +302,21 @@ def verify(directory: str | Path) -> Report:
         check_shard(root, entry, lay, splits, report, keys)
     check_files(root, manifest, report)
     check_totals(manifest, report)
+    check_records(root, manifest, manifest_bytes, report)
     return report
+
+
+def check_records(root: Path, manifest: dict[str, Any], manifest_bytes: bytes,
+                  report: Report) -> None:
+    """The manifest's own digest over every field (and its canonical bytes), and, when the set
+    has one, the runner's `stage.json`: its digest and every file it lists."""
+    if manifest.get("digest") != manifest_digest(manifest):
+        report.problems.append(f"{MANIFEST}: a field was changed (its digest does not match; "
+                               "rebuild with `rynn-pipe tokenize`)")
+    elif dumps_json(manifest).encode() != manifest_bytes:
+        report.problems.append(f"{MANIFEST}: bytes differ from the canonical form it was written in")
+    if (root / STAGE_RECORD).exists() or (root / STAGE_RECORD).is_symlink():
+        problem = output_problem(root, fast=False)
+        if problem is not None:
+            report.problems.append(f"{STAGE_RECORD}: {problem}")
 

@@ -27,7 +27,7 @@ from pipeline.progress import Progress
 from pipeline.runner import Context, Result, Stage, output_digest
 from pipeline.splits import TRAIN, VAL, assign_splits
 from shards.conversation import KINDS, VLA, WM, Codec, episode_samples, episode_tokens
-from shards.format import MANIFEST, SCHEMA, STATS, vocab_facts
+from shards.format import MANIFEST, SCHEMA, STATS, manifest_digest, vocab_facts
 from shards.tokenizer import TextTokenizer, load_text_tokenizer
 from shards.writer import ShardSetWriter, totals
 from stages.bins import Stats
@@ -142,6 +142,7 @@ def build_shards(cfg: RunConfig, filter_dir: Path, fit_dir: Path, store_dir: Pat
     dims = {"action_dim": stats.action.dim, "state_dim": stats.state.dim}
     manifest = shard_manifest(cfg, writer.entries, stats_bytes, stats, tokenizer, store, rows,
                               split, drops, dims)
+    manifest["digest"] = manifest_digest(manifest)
     write_json(out / MANIFEST, manifest)
     return manifest
 
