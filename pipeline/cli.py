@@ -238,16 +238,45 @@ def train_cmd(shards: Path = typer.Option(..., "--shards", help="Shard directory
 
 
 def _image(path: Path):
+    """A raw camera frame from a .npy (H, W, 3 uint8) or an image file PIL reads."""
     import numpy as np
     if path.suffix == ".npy":
-        return np.load(path)
-    from PIL import Image
-    return np.asarray(Image.open(path).convert("RGB"))
+        return _npy(path)
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except UnidentifiedImageError:
+        raise RynnError(f"{path}: not an image file (give a .png/.jpg or an HxWx3 uint8 "
+                        ".npy)") from None
 
 
-def _vector(text: str):
+def _npy(path: Path):
     import numpy as np
-    return np.load(text) if text.endswith(".npy") else np.array([float(x) for x in text.split(",")])
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise RynnError(f"{path}: not a readable .npy array ({exc})") from None
+
+
+def _vector(text: str, option: str = "--state"):
+    import numpy as np
+    if text.endswith(".npy"):
+        return _npy(Path(text))
+    try:
+        return np.array([float(x) for x in text.split(",")])
+    except ValueError:
+        raise RynnError(f"{option} {text!r}: not comma-separated numbers (e.g. 0.1,0.2,0.3) or "
+                        "a .npy file") from None
+
+
+def _same_size(**frames) -> None:
+    sizes = {name: tuple(f.shape[:2]) for name, f in frames.items() if f is not None}
+    if len(set(sizes.values())) > 1:
+        raise RynnError("camera frames differ in size ("
+                        + ", ".join(f"--{k.replace('_', '-')} {h}x{w}" for k, (h, w) in
+                                    sizes.items())
+                        + "); give every camera frame at the size the robot records")
 
 
 @app.command("act")
@@ -269,8 +298,10 @@ def act_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run
     from trainer.policy import MalformedActions, Policy
     policy = Policy.from_checkpoint(checkpoint, vq_path=vq_path, tokenizer_path=tokenizer_path)
     prev = [_image(p) if p else None for p in (prev_front, prev_wrist)]
+    now = [_image(front), _image(wrist)]
+    _same_size(front=now[0], wrist=now[1], prev_front=prev[0], prev_wrist=prev[1])
     try:
-        actions = policy.act(instruction, _vector(state), _image(front), _image(wrist),
+        actions = policy.act(instruction, _vector(state), now[0], now[1],
                              prev_front=prev[0], prev_wrist=prev[1], mode=mode,
                              use_cache=not no_cache)
     except MalformedActions as exc:
@@ -310,8 +341,8 @@ def imagine_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir,
     else:
         if front is None or wrist is None or action is None:
             raise RynnError("imagine needs --front, --wrist and --action (or --rollout --shards)")
-        result = imagine(policy, _image(front), _image(wrist), _vector(action), steps=steps,
-                         out=out, temperature=temperature, seed=seed)
+        result = imagine(policy, _image(front), _image(wrist), _vector(action, "--action"),
+                         steps=steps, out=out, temperature=temperature, seed=seed)
     console.print(f"wrote images to {out}")
     del result
 

@@ -304,7 +304,13 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> R
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. conv.chunk=5")
-        cfg = set_field(cfg, key.strip(), value.strip())
+        try:
+            cfg = set_field(cfg, key.strip(), value.strip())
+        except ConfigError as exc:          # name the option in full, as the user typed it
+            leaf, msg = key.strip().rsplit(".", 1)[-1], str(exc)
+            if msg.startswith(f"{leaf}:") and leaf != key.strip():
+                raise ConfigError(f"{key.strip()}{msg[len(leaf):]}") from None
+            raise
     return cfg
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.errors import DataError
+from pipeline.errors import BadJSON, DataError
 
 CHUNK = 1 << 20
 _UMASK = os.umask(0)
@@ -90,8 +90,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """The parsed file; a file that is not JSON is a BadJSON error naming it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadJSON(f"not valid JSON ({exc}); the file is damaged or not what was expected: "
+                      "restore or regenerate it", file=str(path)) from None
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:

@@ -195,10 +195,14 @@ def read_shard_bytes(path: Path, sha256: str | None = None) -> bytes:
 
 def peek_chunk_shape(path: Path, head_bytes: int = 1 << 20) -> tuple[int, int] | None:
     """Shape of the first `chunk.npy` found in the first `head_bytes` of a shard (no full read)."""
-    with open(path, "rb") as f:
-        head = f.read(head_bytes)
-    if path.name.endswith(".gz"):
-        head = zlib.decompressobj(wbits=31).decompress(head)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(head_bytes)
+        if path.name.endswith(".gz"):
+            head = zlib.decompressobj(wbits=31).decompress(head)
+    except (OSError, zlib.error) as exc:
+        raise DataError(f"shard unreadable ({type(exc).__name__}: {exc}); run `rynn-pipe verify` "
+                        "on the shard set", file=str(path)) from None
     for name, payload in tar_members(head, file=str(path), partial=True):
         if name.endswith(".chunk.npy"):
             return tuple(decode_npy(payload, what=name).shape)
