@@ -331,3 +331,61 @@ def flip_sweep(built: Path, tmp_path: Path, flips: int, seed: int, name: str) ->
 @pytest.mark.parametrize("name", ["manifest.json", MANIFEST])
 def test_verify_catches_random_flips(built, tmp_path, name):
     flip_sweep(built, tmp_path, flips=15, seed=1, name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# LeRobot: no silent misalignment, no silently ignored episodes.
+# ---------------------------------------------------------------------------------------------
+
+def _lerobot(tmp_path: Path, version: str) -> Path:
+    from pipeline.lerobot_fixtures import write_lerobot_dataset
+    return write_lerobot_dataset(tmp_path / "raw", version=version, episodes=3, frames=24,
+                                 codec="av1" if version == "v3.0" else "h264")
+
+
+def _lerobot_tokenize(raw: Path, out: Path):
+    return cli("tokenize", "--raw", str(raw), "--recipe", "so100", "--out", str(out),
+               "--until", "filter", sets=("source.rotate_180=false",))
+
+
+def _rewrite(path: Path, edit) -> None:
+    import pyarrow.parquet as pq
+    pq.write_table(edit(pq.read_table(path)), path)
+
+
+@pytest.mark.parametrize("version", ["v2.1", "v3.0"])
+def test_lerobot_row_off_its_frame_time_is_an_error(tmp_path, version):
+    import numpy as np
+    import pyarrow as pa
+    raw = _lerobot(tmp_path, version)
+    data = sorted((raw / "data").rglob("*.parquet"))[0]
+
+    def shift(table):
+        stamps = np.asarray(table["timestamp"]).copy()
+        stamps[10] += np.float32(0.6 / 30)                  # 0.6 frame late: between frames
+        col = table.schema.get_field_index("timestamp")
+        return table.set_column(col, "timestamp", pa.array(stamps))
+
+    _rewrite(data, shift)
+    result = _lerobot_tokenize(raw, tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "frame 10" in line and "timestamp" in line and data.name in line
+
+
+def test_lerobot_v30_episode_missing_from_metadata_is_an_error(tmp_path):
+    raw = _lerobot(tmp_path, "v3.0")
+    meta = sorted((raw / "meta" / "episodes").rglob("*.parquet"))[0]
+    _rewrite(meta, lambda t: t.take([0, 2]))      # forget episode 1 (it shares file-000 with 0)
+    result = _lerobot_tokenize(raw, tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "episode_index 1" in line and "not in the episodes metadata" in line
+
+
+def test_lerobot_v21_data_file_without_metadata_is_an_error(tmp_path):
+    raw = _lerobot(tmp_path, "v2.1")
+    rows = (raw / "meta" / "episodes.jsonl").read_text().splitlines()
+    (raw / "meta" / "episodes.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    result = _lerobot_tokenize(raw, tmp_path / "out")
+    assert result.exit_code == 1 and "episode_000002.parquet" in result.output, result.output
