@@ -153,8 +153,10 @@ def tool_versions() -> dict[str, str]:
 
 def _publish(stage: Stage, ctx: Context, key: str, inputs: dict[str, str], final: Path,
              result: Result, seconds: float) -> None:
+    for debris in ctx.out.rglob(".tmp-*"):      # a killed earlier attempt's unfinished write
+        debris.unlink()
     outputs = [file_entry(p, ctx.out) for p in sorted(ctx.out.rglob("*"))
-               if p.is_file() and p.name != MANIFEST and not p.name.startswith(".tmp-")]
+               if p.is_file() and p.name != MANIFEST]
     manifest = {"schema": SCHEMA, "stage": stage.name, "version": stage.version, "key": key,
                 "config": select(ctx.cfg, stage.fields), "inputs": inputs,
                 "counts": result.counts, **result.extra, "outputs": outputs,

@@ -294,6 +294,8 @@ def verify(directory: str | Path) -> Report:
         report.problems.append(f"{MANIFEST}: unreadable or incomplete ({type(exc).__name__}: "
                                f"{exc})")
         return report
+    if not check_records(root, manifest, manifest_bytes, report):
+        return report                    # its fields cannot be trusted to check anything else
     if manifest.get("schema") != SCHEMA:
         report.problems.append(f"{MANIFEST}: schema {manifest.get('schema')!r} != {SCHEMA}")
     splits = manifest.get("splits", {}).get("episodes", {})
@@ -302,21 +304,23 @@ def verify(directory: str | Path) -> Report:
         check_shard(root, entry, lay, splits, report, keys)
     check_files(root, manifest, report)
     check_totals(manifest, report)
-    check_records(root, manifest, manifest_bytes, report)
     return report
 
 
 def check_records(root: Path, manifest: dict[str, Any], manifest_bytes: bytes,
-                  report: Report) -> None:
+                  report: Report) -> bool:
     """The manifest's own digest over every field (and its canonical bytes), and, when the set
-    has one, the runner's `stage.json`: its digest and every file it lists."""
-    if manifest.get("digest") != manifest_digest(manifest):
+    has one, the runner's `stage.json`: its digest and every file it lists. False when the
+    manifest's fields are not the ones it was written with."""
+    if not isinstance(manifest, dict) or manifest.get("digest") != manifest_digest(manifest):
         report.problems.append(f"{MANIFEST}: a field was changed (its digest does not match; "
                                "rebuild with `rynn-pipe tokenize`)")
-    elif dumps_json(manifest).encode() != manifest_bytes:
+        return False
+    if dumps_json(manifest).encode() != manifest_bytes:
         report.problems.append(f"{MANIFEST}: bytes differ from the canonical form it was written in")
     if (root / STAGE_RECORD).exists() or (root / STAGE_RECORD).is_symlink():
         problem = output_problem(root, fast=False)
         if problem is not None:
             report.problems.append(f"{STAGE_RECORD}: {problem}")
+    return True
 
