@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline.cache import MANIFEST, output_problem
 from pipeline.config import RunConfig, apply_overrides, recipe
 from pipeline.errors import RynnError
 from pipeline.group import Group
@@ -77,9 +78,12 @@ def export(src: Path, dst: Path) -> None:
 
     Built beside `dst` under a unique temporary name, then swapped in, so `dst` is always complete;
     exporters to the same `dst` take turns (a lock beside it), and each removes the debris of
-    killed ones before it starts."""
+    killed ones before it starts. An export already equal to `src` (same stage.json, every file
+    matching it: pipeline/cache.py) is left as it is."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     with key_lock(dst.parent / f".{dst.name}.lock"):
+        if _same_export(src, dst):
+            return
         for debris in dst.parent.glob(f".{dst.name}.tmp-*"):
             shutil.rmtree(debris, ignore_errors=True)
         for debris in dst.parent.glob(f".{dst.name}.old-*"):
@@ -95,6 +99,12 @@ def export(src: Path, dst: Path) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _same_export(src: Path, dst: Path) -> bool:
+    record = dst / MANIFEST
+    return (record.is_file() and record.read_bytes() == (src / MANIFEST).read_bytes()
+            and output_problem(dst) is None)
 
 
 FICLONE = 0x40049409   # Linux ioctl: share extents copy-on-write (btrfs, xfs, ...)

@@ -1,6 +1,8 @@
 """Check a shard directory against its manifest and the token layout; list every problem found.
 
-Re-hashes every shard (size and sha256), the stats copy, and re-reads every sample: member set and
+First the records: the manifest's digest over every other field (and its canonical bytes), and
+`stage.json` when present (its digest, every file it lists). A manifest whose digest does not match
+is reported alone: its fields cannot be trusted to check the rest. Then re-hashes every shard (size and sha256), the stats copy, and re-reads every sample: member set and
 dtypes; the token layout segment by segment (image blocks = start, grid tokens, rows of image code
 ids each closed by a row end, end; action/state blocks = marker, exactly D/S bin ids within
 num_bins, end marker; text ids outside every special range); the segment order of the query kind

@@ -193,7 +193,10 @@ def concurrent_exports(built: Path, tmp_path: Path, procs: int, n: int) -> None:
         w.join()
     assert errors.empty(), errors.get()
     assert files(dst) == files(src)
-    assert sorted(p.name for p in dst.parent.iterdir()) == [".shards.lock", "shards"]
+    assert sorted(p.name for p in dst.parent.iterdir()) == EXPORTED
+
+
+EXPORTED = [".hashed-shards.json", ".shards.lock", "shards"]   # hash record, lock, the export
 
 
 def test_concurrent_exports_never_fail_or_leave_debris(built, tmp_path):
@@ -206,6 +209,8 @@ def test_export_removes_debris_of_a_killed_exporter(built, tmp_path):
     (dst.parent / ".shards.old-123").mkdir()
     export(entry(built, "shards"), dst)
     assert sorted(p.name for p in dst.parent.iterdir()) == [".shards.lock", "shards"]
+    export(entry(built, "shards"), dst)                # unchanged: checked, not copied again
+    assert sorted(p.name for p in dst.parent.iterdir()) == EXPORTED
 
 
 def test_reader_refuses_a_set_reexported_while_it_reads(suite, built, tmp_path):
