@@ -110,6 +110,8 @@ def plan_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations dir
     cfg = resolve_config(recipe_name, sets or [])
     for st in plan(cfg, raw, _out(out, recipe_name), cache):
         state = "[green]cache hit[/]" if st.hit else "[yellow]will run[/]"
+        if st.damage is not None:
+            state = "[red]damaged[/]: rebuilds"
         work = ", ".join(f"{k}={v}" for k, v in st.work.items())
         console.print(f"{st.stage.name:12s} {state:22s} key={st.key:16s} {work}")
 

@@ -201,6 +201,22 @@ def test_training_on_a_corrupt_shard_is_one_line(tiny_shards, tmp_path):
     assert shard.name in one_error_line(train_cli(shards, tmp_path / "run", 2))
 
 
+def test_training_while_the_set_is_reexported_is_one_line(tiny_shards, tmp_path, monkeypatch):
+    import trainer.train as loop
+    shards = Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
+    real = loop.train_step
+
+    def step_then_reexport(*args, **kwargs):
+        out = real(*args, **kwargs)
+        manifest = json.loads((shards / "manifest.json").read_text())
+        manifest["conv"]["chunk"] += 1                    # another chunk, as a re-export writes
+        (shards / "manifest.json").write_text(json.dumps(manifest))
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_then_reexport)
+    assert "re-exported" in one_error_line(train_cli(shards, tmp_path / "run", 4))
+
+
 def test_errors_do_not_wrap_when_output_is_not_a_terminal(tmp_path):
     long = tmp_path / ("a-very-long-directory-name-" * 6)
     line = one_error_line(cli("train", "--shards", str(long), "--out", str(tmp_path / "run")))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline.errors import RynnError
-from pipeline.io import read_json, write_bytes, write_json
+from pipeline.io import read_json, sha256_file, write_bytes, write_json
 from pipeline.progress import Progress, console
 from shards.reader import ShardReader
 from trainer import checkpoint as ckpt
@@ -323,6 +323,7 @@ def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimize
         while state["step"] < cfg.steps:
             # ---- once in a while: evaluate on the held-out split
             if state["step"] > 0 and state["step"] % cfg.eval_every == 0:
+                check_shards_unchanged(shards, card)
                 metrics = evaluate(net, shards, cfg, device, rank, world)
                 if rank == 0 and metrics:
                     log(out, {"step": state["step"], **metrics})
@@ -341,9 +342,18 @@ def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimize
                 ckpt.save(out, state["step"], net, optimizer, state, cfg, card, cfg.keep_last)
             if stop_after is not None and state["step"] >= stop_after:
                 return
+    check_shards_unchanged(shards, card)
     metrics = evaluate(net, shards, cfg, device, rank, world)
     if rank == 0 and metrics:
         log(out, {"step": state["step"], **metrics})
+
+
+def check_shards_unchanged(shards: Path, card: dict[str, Any]) -> None:
+    """The held-out reader opens the set afresh: it must still be the one training started on."""
+    if sha256_file(shards / "manifest.json") != card["shards_manifest_sha256"]:
+        raise RynnError(f"--shards {shards}: manifest.json changed since training started (the "
+                        "set was re-exported); train on a set nothing rewrites (a new set needs "
+                        "a new --out)")
 
 
 def train_step(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
