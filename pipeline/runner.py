@@ -78,7 +78,7 @@ class Context:
 
     def warn(self, msg: str) -> None:
         if self.group.leader:                        # the same on every rank: say it once
-            console.print(f"[bold yellow]WARNING[/]: {escape(msg)}")
+            console.print(f"[bold yellow]WARNING[/]: {escape(msg)}", soft_wrap=True)
 
     def progress(self, total: int, desc: str) -> Progress:
         return Progress(total, desc, disable=self.quiet or not self.group.leader)

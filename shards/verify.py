@@ -314,7 +314,11 @@ def check_records(root: Path, manifest: dict[str, Any], manifest_bytes: bytes,
     """The manifest's own digest over every field (and its canonical bytes), and, when the set
     has one, the runner's `stage.json`: its digest and every file it lists. False when the
     manifest's fields are not the ones it was written with."""
-    if not isinstance(manifest, dict) or manifest.get("digest") != manifest_digest(manifest):
+    if not isinstance(manifest, dict) or "digest" not in manifest:
+        report.problems.append(f"{MANIFEST}: no digest (written by an older rynn-pipe, or not a "
+                               "manifest); rebuild with `rynn-pipe tokenize`")
+        return False
+    if manifest["digest"] != manifest_digest(manifest):
         report.problems.append(f"{MANIFEST}: a field was changed (its digest does not match; "
                                "rebuild with `rynn-pipe tokenize`)")
         return False
