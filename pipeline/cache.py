@@ -53,7 +53,9 @@ def read_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{MANIFEST} is missing"
     except (OSError, ValueError) as exc:
         return None, f"{MANIFEST} is unreadable ({type(exc).__name__})"
-    if not isinstance(manifest, dict) or manifest.get("digest") != record_digest(manifest):
+    if not isinstance(manifest, dict) or "digest" not in manifest:
+        return None, f"{MANIFEST} has no digest (written by an older rynn-pipe)"
+    if manifest["digest"] != record_digest(manifest):
         return None, f"{MANIFEST} was modified (its digest does not match its fields)"
     return manifest, None
 
