@@ -202,5 +202,5 @@ def input_digest(ctx: Context) -> dict[str, str]:
     return out
 
 
-STAGE = Stage(name="shards", version="2", fields=FIELDS, deps=DEPS, run=run, estimate=estimate,
+STAGE = Stage(name="shards", version="3", fields=FIELDS, deps=DEPS, run=run, estimate=estimate,
               input_digest=input_digest)
