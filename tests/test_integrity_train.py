@@ -82,11 +82,17 @@ def test_non_finite_loss_stops_before_anything_is_saved(tiny_shards, tmp_path, m
     assert not list((tmp_path / "run").glob("step-*"))
 
 
-@pytest.mark.parametrize("damage", ["nan", "header", "truncated"])
+@pytest.mark.parametrize("damage", ["nan", "header", "truncated", "flip", "nan-unsummed"])
 def test_damaged_weights_are_refused_naming_the_file(finished_run, tmp_path, damage):
     run = copy_run(finished_run, tmp_path)
     weights_path = ckpt.latest(run) / "model.safetensors"
-    if damage == "nan":
+    if damage == "nan-unsummed":          # a checkpoint without checksums.json: tensors checked
+        (ckpt.latest(run) / ckpt.CHECKSUMS).unlink()
+    if damage == "flip":                  # one bit of a tensor's data: finite, but not the weights
+        data = bytearray(weights_path.read_bytes())
+        data[-5] ^= 0x01
+        weights_path.write_bytes(bytes(data))
+    elif damage.startswith("nan"):
         weights = load_file(str(weights_path))
         name = sorted(weights)[0]
         weights[name] = weights[name].clone().fill_(float("nan"))

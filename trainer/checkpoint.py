@@ -2,6 +2,7 @@
 
 A step directory holds everything inference and resume need:
     model.safetensors   model + head weights
+    checksums.json      its sha256 (checked on load, with its header and every tensor finite)
     optimizer.pt        optimizer state
     state.pt            training state: step, RNG states of every rank, data-reader position
     config.json         the resolved TrainConfig and model dims (K, D)
@@ -36,6 +37,7 @@ from trainer.config import ModelConfig, TrainConfig
 
 LATEST = "latest"
 CARD = "processor.json"
+CHECKSUMS = "checksums.json"     # sha256 of model.safetensors, checked when the weights load
 
 
 def step_name(step: int) -> str:
@@ -106,6 +108,7 @@ def save(run: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous() for k, v in weights.items()},
               str(tmp / "model.safetensors"))
+    write_json(tmp / CHECKSUMS, {"model.safetensors": sha256_file(tmp / "model.safetensors")})
     torch.save(optim, tmp / "optimizer.pt")
     torch.save({**state, "rng": rngs}, tmp / "state.pt")
     write_json(tmp / "config.json", {"train": dataclasses.asdict(cfg), "chunk": card["K"],
@@ -132,6 +135,10 @@ def load_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     path = step_dir / "model.safetensors"
     if not path.is_file():
         raise RynnError(f"{path}: missing; point --checkpoint at a step-NNNNNN directory")
+    sums = step_dir / CHECKSUMS
+    if sums.is_file() and sha256_file(path) != read_json(sums).get(path.name):
+        raise RynnError(f"{path}: does not match its sha256 in {CHECKSUMS}; the checkpoint is "
+                        "damaged: use another step")
     try:
         weights = load_file(str(path))
     except Exception as exc:       # SafetensorError (bad header, truncated) is not exported
