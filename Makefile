@@ -18,7 +18,7 @@ SET    ?=
 SETS   := $(foreach s,$(SET),--set $(s))
 TORCH_VERSION := 2.13.0
 
-.PHONY: help setup demo demo-data shards plan verify inspect train act imagine eval test test-all bench clean sim-experiment
+.PHONY: help setup demo demo-data shards plan verify inspect train act imagine eval test test-all test-reliability bench clean sim-experiment
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -101,6 +101,9 @@ test: setup ## the default test run (fast tier; what CI runs)
 
 test-all: setup ## every test, the slow tier included
 	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -m 'not gpu'
+
+test-reliability: setup ## kill -9 at random moments, cache damage, concurrent exports, manifest flips (TRIALS=n)
+	OMP_NUM_THREADS=2 RYNN_TRIALS=$(or $(TRIALS),10) $(VENV)/bin/pytest -m reliability
 
 bench: setup ## speed and size benchmarks (ratios against baselines measured in the same run)
 	$(PY) -m bench

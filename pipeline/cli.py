@@ -37,15 +37,27 @@ CacheOpt = typer.Option(None, "--cache", help="Cache root [default: $RYNN_HOME/c
 
 
 def friendly(fn: Callable) -> Callable:
-    """Show user errors as one clear line and a non-zero exit, not a traceback."""
+    """Show user errors as one clear line and a non-zero exit, not a traceback: the project's
+    own errors, and an input file the OS could not open or read (named)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (RynnError, ConfigError) as exc:
-            console.print(f"[bold red]error[/]: {escape(str(exc))}")
+            _error(str(exc))
             raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            _error(f"{exc.strerror or type(exc).__name__}: {exc.filename} (check the path and "
+                   "its permissions)")
+            raise typer.Exit(1) from None
     return wrapper
+
+
+def _error(msg: str) -> None:
+    """One line, never wrapped (a log or pipe keeps it whole)."""
+    console.print(f"[bold red]error[/]: {escape(' '.join(msg.split()))}", soft_wrap=True)
 
 
 def _out(out: Optional[Path], recipe_name: str) -> Path:
@@ -131,6 +143,8 @@ def plan_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations dir
     cfg = resolve_config(recipe_name, sets or [])
     for st in plan(cfg, raw, _out(out, recipe_name), cache):
         state = "[green]cache hit[/]" if st.hit else "[yellow]will run[/]"
+        if st.damage is not None:
+            state = "[red]damaged[/]: rebuilds"
         work = ", ".join(f"{k}={v}" for k, v in st.work.items())
         console.print(f"{st.stage.name:12s} {state:22s} key={st.key:16s} {work}")
 
@@ -144,7 +158,7 @@ def tokenize_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations
                  workers: Optional[int] = typer.Option(None, help="VQ encode processes.")) -> None:
     """Run every stage from raw demos to webdataset shards; print where the shards are."""
     from pipeline.workflow import resolve_config, tokenize
-    overrides = list(sets or []) + ([f"image.workers={workers}"] if workers else [])
+    overrides = list(sets or []) + ([f"image.workers={workers}"] if workers is not None else [])
     cfg = resolve_config(recipe_name, overrides)
     out = _out(out, recipe_name)
     done = tokenize(cfg, raw, out, cache, until=until)
@@ -155,6 +169,49 @@ def tokenize_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations
     print(out / "shards" if "shards" in done else done[list(done)[-1]])
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="Check and tidy the stage cache.")
+app.add_typer(cache_app, name="cache")
+CacheDirOpt = typer.Option(None, "--cache", help="Cache root [default: $RYNN_HOME/cache or "
+                                                 "<out>/cache].")
+CacheOutOpt = typer.Option(Path("out/demo"), "--out", "-o", help="Output directory whose cache "
+                                                                 "is meant (with no --cache).")
+
+
+@cache_app.command("verify")
+@friendly
+def cache_verify_cmd(cache: Optional[Path] = CacheDirOpt, out: Path = CacheOutOpt) -> None:
+    """Re-hash every file of every cached stage output against its stage.json."""
+    from pipeline.cache import verify_cache
+    from pipeline.workflow import cache_root
+    root = cache_root(out, cache)
+    report = verify_cache(root)
+    for problem in report.problems:
+        console.print(f"[red]DAMAGED[/] {escape(problem)}", soft_wrap=True)
+    if report.problems:
+        console.print(f"{len(report.problems)} of {report.entries} entries damaged; the next "
+                      f"run rebuilds them (or `rynn-pipe cache gc --cache {root}`)", soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"[green]OK[/] {report.entries} cache entries verified in {root}")
+
+
+@cache_app.command("gc")
+@friendly
+def cache_gc_cmd(cache: Optional[Path] = CacheDirOpt, out: Path = CacheOutOpt,
+                 keep: Optional[list[Path]] = typer.Option(
+                     None, "--keep", help="Keep only what these outputs (tokenize --out dirs or "
+                                          "shard sets) were built from (repeatable).")) -> None:
+    """Remove partial, temporary, unfinished and damaged entries (and, with --keep, every entry
+    the kept outputs do not use)."""
+    from pipeline.cache import gc
+    from pipeline.workflow import cache_root
+    root = cache_root(out, cache)
+    report = gc(root, keep=list(keep) if keep else None)
+    for line in report.removed:
+        console.print(f"removed {escape(line)}", soft_wrap=True)
+    console.print(f"[green]gc[/]: {len(report.removed)} removed, "
+                  f"{report.bytes_freed / 2**20:.1f} MiB freed in {root}")
+
+
 @app.command("verify")
 @friendly
 def verify_cmd(shards: str = typer.Argument(..., help="A shard directory or URL (http(s)://, fsspec).")) -> None:
@@ -162,7 +219,7 @@ def verify_cmd(shards: str = typer.Argument(..., help="A shard directory or URL 
     from shards.verify import verify
     report = verify(shards)
     for problem in report.problems:
-        console.print(f"[red]FAIL[/] {problem}")
+        console.print(f"[red]FAIL[/] {escape(problem)}", soft_wrap=True)
     if report.problems:
         raise typer.Exit(1)
     console.print(f"[green]OK[/] {report.summary()}")
@@ -246,16 +303,45 @@ def serve_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, r
 
 
 def _image(path: Path):
+    """A raw camera frame from a .npy (H, W, 3 uint8) or an image file PIL reads."""
     import numpy as np
     if path.suffix == ".npy":
-        return np.load(path)
-    from PIL import Image
-    return np.asarray(Image.open(path).convert("RGB"))
+        return _npy(path)
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except UnidentifiedImageError:
+        raise RynnError(f"{path}: not an image file (give a .png/.jpg or an HxWx3 uint8 "
+                        ".npy)") from None
 
 
-def _vector(text: str):
+def _npy(path: Path):
     import numpy as np
-    return np.load(text) if text.endswith(".npy") else np.array([float(x) for x in text.split(",")])
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise RynnError(f"{path}: not a readable .npy array ({exc})") from None
+
+
+def _vector(text: str, option: str = "--state"):
+    import numpy as np
+    if text.endswith(".npy"):
+        return _npy(Path(text))
+    try:
+        return np.array([float(x) for x in text.split(",")])
+    except ValueError:
+        raise RynnError(f"{option} {text!r}: not comma-separated numbers (e.g. 0.1,0.2,0.3) or "
+                        "a .npy file") from None
+
+
+def _same_size(**frames) -> None:
+    sizes = {name: tuple(f.shape[:2]) for name, f in frames.items() if f is not None}
+    if len(set(sizes.values())) > 1:
+        raise RynnError("camera frames differ in size ("
+                        + ", ".join(f"--{k.replace('_', '-')} {h}x{w}" for k, (h, w) in
+                                    sizes.items())
+                        + "); give every camera frame at the size the robot records")
 
 
 @app.command("act")
@@ -281,8 +367,10 @@ def act_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, run
     from trainer.policy import Policy
     policy = Policy.from_checkpoint(checkpoint, vq_path=vq_path, tokenizer_path=tokenizer_path)
     prev = [_image(p) if p else None for p in (prev_front, prev_wrist)]
+    now = [_image(front), _image(wrist)]
+    _same_size(front=now[0], wrist=now[1], prev_front=prev[0], prev_wrist=prev[1])
     try:
-        actions = policy.act(instruction, _vector(state), _image(front), _image(wrist),
+        actions = policy.act(instruction, _vector(state), now[0], now[1],
                              prev_front=prev[0], prev_wrist=prev[1], mode=mode,
                              use_cache=not no_cache, constrained=not unconstrained)
     except MalformedActions as exc:
@@ -322,8 +410,8 @@ def imagine_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir,
     else:
         if front is None or wrist is None or action is None:
             raise RynnError("imagine needs --front, --wrist and --action (or --rollout --shards)")
-        result = imagine(policy, _image(front), _image(wrist), _vector(action), steps=steps,
-                         out=out, temperature=temperature, seed=seed)
+        result = imagine(policy, _image(front), _image(wrist), _vector(action, "--action"),
+                         steps=steps, out=out, temperature=temperature, seed=seed)
     console.print(f"wrote images to {out}")
     del result
 

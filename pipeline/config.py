@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -44,10 +45,14 @@ class SourceConfig:
     lerobot_wrist_key: str = "observation.images.wrist"
     lerobot_state_key: str = "observation.state"
     lerobot_action_key: str = "action"
+    # LeRobot: a row's timestamp must be frame_index / fps within this many seconds (as LeRobot's
+    # own `tolerance_s`); a row further off is an error, never matched to a neighbouring frame.
+    lerobot_tolerance_s: float = 1e-4
 
     def __post_init__(self) -> None:
         _check(self.front_camera != self.wrist_camera, "source.front_camera",
                "front and wrist cameras must differ")
+        _check(self.lerobot_tolerance_s >= 0, "source.lerobot_tolerance_s", "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +121,11 @@ class ImageConfig:
                "must be a positive multiple of 32 (256 or 512 in the paper)")
         _check(self.batch_size >= 1, "image.batch_size", "must be >= 1")
         _check(self.workers >= 1, "image.workers", "must be >= 1")
+        _check(DEVICE.fullmatch(self.device) is not None, "image.device",
+               f"got {self.device!r}; use auto, cpu, cuda or cuda:N")
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,7 +282,11 @@ def _parse_value(raw: str, typ: Any, option: str) -> Any:
         _check(raw in choices, option, f"got {raw!r}; choose one of {list(choices)}")
         return raw
     if origin is tuple:
-        return tuple(int(x) for x in raw.split(",") if x.strip()) if raw.strip() else ()
+        try:
+            return tuple(int(x) for x in raw.split(",") if x.strip()) if raw.strip() else ()
+        except ValueError:
+            raise ConfigError(f"{option}: cannot read {raw!r} as comma-separated integers, "
+                              "e.g. 0,1,2") from None
     args = [a for a in get_args(typ) if a is not type(None)]
     if args and type(None) in get_args(typ):  # Optional[X]
         if raw.lower() in ("none", "null", ""):
@@ -309,7 +323,13 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> R
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. conv.chunk=5")
-        cfg = set_field(cfg, key.strip(), value.strip())
+        try:
+            cfg = set_field(cfg, key.strip(), value.strip())
+        except ConfigError as exc:          # name the option in full, as the user typed it
+            leaf, msg = key.strip().rsplit(".", 1)[-1], str(exc)
+            if msg.startswith(f"{leaf}:") and leaf != key.strip():
+                raise ConfigError(f"{key.strip()}{msg[len(leaf):]}") from None
+            raise
     return cfg
 
 

@@ -20,3 +20,7 @@ class DataError(RynnError):
 
 class StageError(RynnError):
     """A stage refused to produce output (e.g. a filter that would drop too much)."""
+
+
+class BadJSON(DataError, ValueError):
+    """A JSON input file that does not parse (a ValueError too, for code that catches those)."""

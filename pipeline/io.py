@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.errors import BadJSON, DataError
+
 CHUNK = 1 << 20
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -88,8 +90,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """The parsed file; a file that is not JSON is a BadJSON error naming it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadJSON(f"not valid JSON ({exc}); the file is damaged or not what was expected: "
+                      "restore or regenerate it", file=str(path)) from None
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -127,3 +135,27 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def walk_files(root: Path) -> list[Path]:
+    """Every file under `root`, sorted: dot-directories included, symlinked directories followed
+    (a link leading back to a directory it is inside is an error naming it, as is a broken link)."""
+    out: list[Path] = []
+
+    def visit(d: Path, ancestors: frozenset[str]) -> None:
+        real = os.path.realpath(d)
+        if real in ancestors:
+            raise DataError(f"symbolic link loop: {d} leads back to {real}; remove the link",
+                            file=str(d))
+        with os.scandir(d) as it:
+            found = sorted(it, key=lambda e: e.name)
+        for e in found:
+            if e.is_dir():                            # follows symbolic links
+                visit(Path(e.path), ancestors | {real})
+            elif e.is_file():
+                out.append(Path(e.path))
+            elif e.is_symlink():
+                raise DataError("broken symbolic link; fix or remove it", file=e.path)
+
+    visit(Path(root), frozenset())
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())

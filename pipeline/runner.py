@@ -8,7 +8,9 @@ it depends on, and `run(ctx) -> Result`. Its output directory is
 published atomically: the stage writes into `<cache>/<stage>/.partial-<key>/` (kept across a
 crash, so a stage may resume from what it finished), the runner writes the stage manifest
 `stage.json` there LAST (config, input digests, counts, outputs with sha256, timings, tools), then
-renames the directory onto its key. A directory with `stage.json` is a cache hit: no work.
+renames the directory onto its key. A directory whose files all match its `stage.json` (sizes and
+sha256, checked before use: pipeline/cache.py) is a cache hit: no work. A damaged or missing file
+invalidates the output, which is rebuilt, with one line saying what was found.
 (A stage may write its own deterministic `manifest.json`, as the shard set does; timings live only
 in `stage.json` so that data outputs stay byte-identical between runs.)
 A per-key file lock keeps two concurrent runs from working on the same key.
@@ -35,13 +37,13 @@ from typing import Any, Callable, Iterator
 from rich.markup import escape
 
 from pipeline import __version__
+from pipeline.cache import MANIFEST, output_problem, record_digest, remember_hashes
 from pipeline.config import ConfigView, RunConfig, digest, select
 from pipeline.errors import StageError
 from pipeline.group import Group
-from pipeline.io import file_entry, read_json, write_json
+from pipeline.io import file_entry, read_json, walk_files, write_json
 from pipeline.progress import Progress, console
 
-MANIFEST = "stage.json"  # the runner's record of a stage run; written last
 SCHEMA = 1
 RAW = "raw"
 
@@ -87,7 +89,7 @@ class Context:
 
     def warn(self, msg: str) -> None:
         if self.group.leader:                        # the same on every rank: say it once
-            console.print(f"[bold yellow]WARNING[/]: {escape(msg)}")
+            console.print(f"[bold yellow]WARNING[/]: {escape(msg)}", soft_wrap=True)
 
     def progress(self, total: int, desc: str) -> Progress:
         return Progress(total, desc, disable=self.quiet or not self.group.leader)
@@ -106,12 +108,15 @@ class StageStatus:
     path: Path
     hit: bool
     work: dict[str, int] = field(default_factory=dict)
+    damage: str | None = None          # what was wrong with a published output (it reruns)
 
 
 # ---------------------------------------------------------------------------------------------
 
 def raw_fingerprint(raw: Path) -> str:
-    """Digest of the raw data root: relative path, size and mtime of every file (like make).
+    """Digest of the raw data root: relative path, size and mtime of every file (like make),
+    dot-directories and files reached through symlinked directories included: whatever a reader
+    may open is in it.
 
     Content hashing tens of GB of HDF5 on every run would cost more than the stages it skips;
     a touched or rewritten file changes size or mtime and invalidates the cache.
@@ -119,10 +124,9 @@ def raw_fingerprint(raw: Path) -> str:
     if not raw.exists():
         raise StageError(f"raw data root {raw} does not exist; point --raw (or DATA=) at it")
     rows = []
-    for p in sorted(raw.rglob("*")):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(raw).parts):
-            st = p.stat()
-            rows.append((p.relative_to(raw).as_posix(), st.st_size, st.st_mtime_ns))
+    for p in walk_files(raw):
+        st = p.stat()
+        rows.append((p.relative_to(raw).as_posix(), st.st_size, st.st_mtime_ns))
     return digest(rows)
 
 
@@ -160,14 +164,18 @@ def tool_versions() -> dict[str, str]:
 
 def _publish(stage: Stage, ctx: Context, key: str, inputs: dict[str, str], final: Path,
              result: Result, seconds: float) -> None:
+    for debris in ctx.out.rglob(".tmp-*"):      # a killed earlier attempt's unfinished write
+        debris.unlink()
     outputs = [file_entry(p, ctx.out) for p in sorted(ctx.out.rglob("*"))
-               if p.is_file() and p.name != MANIFEST and not p.name.startswith(".tmp-")]
+               if p.is_file() and p.name != MANIFEST]
     manifest = {"schema": SCHEMA, "stage": stage.name, "version": stage.version, "key": key,
                 "config": select(ctx.cfg, stage.fields), "inputs": inputs,
                 "counts": result.counts, **result.extra, "outputs": outputs,
                 "timings": {"seconds": round(seconds, 3)}, "tools": tool_versions()}
+    manifest["digest"] = record_digest(manifest)
     write_json(ctx.out / MANIFEST, manifest)
     os.replace(ctx.out, final)
+    remember_hashes(final)
 
 
 class Runner:
@@ -201,7 +209,9 @@ class Runner:
         ctx = self._ctx(stage, inputs, out=Path("/nonexistent"))
         key = stage_key(stage, self.cfg, self._digests(stage, ctx))
         path = self.cache / stage.name / key
-        return StageStatus(stage, key, path, hit=(path / MANIFEST).exists())
+        damage = output_problem(path) if (path / MANIFEST).exists() else None
+        return StageStatus(stage, key, path, hit=(path / MANIFEST).exists() and damage is None,
+                           damage=damage)
 
     def plan(self) -> list[StageStatus]:
         """Keys and hit/miss for every stage, without running anything.
@@ -251,8 +261,9 @@ class Runner:
         if st.hit:
             self._say(f"[green]cache hit[/] {stage.name} ({st.key}): no work")
             return st.path
+        self._damaged(st)
         with key_lock(self.cache / stage.name / f".lock-{st.key}"):
-            if (st.path / MANIFEST).exists():  # another process finished it while we waited
+            if _sound(st.path):  # another process finished (or repaired) it while we waited
                 self._say(f"[green]cache hit[/] {stage.name} ({st.key}): finished by another run")
                 return st.path
             if st.path.exists():  # a directory without manifest is never valid output
@@ -276,10 +287,11 @@ class Runner:
         with contextlib.ExitStack() as held:
             finished = False
             if group.leader:
-                finished = (st.path / MANIFEST).exists()
+                finished = st.hit
                 if not finished:
+                    self._damaged(st)
                     held.enter_context(key_lock(self.cache / stage.name / f".lock-{st.key}"))
-                    finished = (st.path / MANIFEST).exists()   # finished while we waited
+                    finished = _sound(st.path)                 # finished while we waited
                 if not finished and st.path.exists():
                     shutil.rmtree(st.path)
             if group.leader_says(finished):
@@ -303,6 +315,16 @@ class Runner:
     def _say(self, msg: str) -> None:
         if not self.quiet and self.group.leader:
             console.print(msg)
+
+    def _damaged(self, st: StageStatus) -> None:
+        """One line saying what was wrong with a cached output about to be rebuilt."""
+        if st.damage is not None and self.group.leader:
+            console.print(f"[bold yellow]cache damaged[/]: {st.stage.name} ({st.key}): "
+                          f"{escape(st.damage)}; rebuilding", soft_wrap=True)
+
+
+def _sound(path: Path) -> bool:
+    return (path / MANIFEST).exists() and output_problem(path) is None
 
 
 def _fmt_counts(counts: dict[str, Any]) -> str:

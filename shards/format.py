@@ -96,3 +96,10 @@ def vocab_facts(resolution: int) -> dict[str, Any]:
             "grid_token": vocab.grid_token(resolution),
             "tokens_per_image": vocab.image_block_len(resolution),
             "special_ids": {n.lower(): getattr(vocab, n) for n in names}}
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The digest a manifest carries over every other field it holds (`rynn-pipe verify`
+    recomputes it, so no field that describes the data can change unnoticed)."""
+    from pipeline.config import digest
+    return digest({k: v for k, v in manifest.items() if k != "digest"})

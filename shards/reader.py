@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DataError
-from pipeline.io import read_json
+from pipeline.io import read_json, sha256_bytes
 from shards import vocab
 from shards.remote import RemoteShardSet, is_url
 
@@ -87,6 +87,7 @@ class ShardInfo:
     kind: str
     samples: int         # samples of the selected split
     total: int           # samples of every split
+    sha256: str | None = None   # from the manifest: a shard changed since it was read is refused
 
 
 # ---------------------------------------------------------------- decoding one shard
@@ -183,28 +184,41 @@ def decode_sample(key: str, members: dict[str, Any], *, file: str = "") -> Sampl
     return Sample(key, tokens, meta["targets"], chunk, meta["split"])
 
 
-def read_shard_bytes(path: Path) -> bytes:
-    """The uncompressed tar bytes of a `.tar.gz` or `.tar` shard."""
-    data = Path(path).read_bytes()
-    return gzip.decompress(data) if path.name.endswith(".gz") else data
+def read_shard_bytes(path: Path, sha256: str | None = None) -> bytes:
+    """The uncompressed tar bytes of a `.tar.gz` or `.tar` shard; with `sha256` (the manifest's),
+    a shard that differs (damaged, or re-exported while a run reads the set) is an error."""
+    try:
+        data = Path(path).read_bytes()
+        if sha256 is not None and sha256_bytes(data) != sha256:
+            raise DataError("shard differs from its sha256 in manifest.json (damaged, or the shard "
+                            "set was re-exported while being read); run `rynn-pipe verify` on it "
+                            "and restart", file=str(path))
+        return gzip.decompress(data) if path.name.endswith(".gz") else data
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"shard unreadable ({type(exc).__name__}: {exc}); run `rynn-pipe verify` "
+                        "on the shard set (re-exported while being read?)", file=str(path)) from None
 
 
 def peek_chunk_shape(path: Path, head_bytes: int = 1 << 20) -> tuple[int, int] | None:
     """Shape of the first `chunk.npy` found in the first `head_bytes` of a shard (no full read)."""
-    with open(path, "rb") as f:
-        head = f.read(head_bytes)
-    if path.name.endswith(".gz"):
-        head = zlib.decompressobj(wbits=31).decompress(head)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(head_bytes)
+        if path.name.endswith(".gz"):
+            head = zlib.decompressobj(wbits=31).decompress(head)
+    except (OSError, zlib.error) as exc:
+        raise DataError(f"shard unreadable ({type(exc).__name__}: {exc}); run `rynn-pipe verify` "
+                        "on the shard set", file=str(path)) from None
     for name, payload in tar_members(head, file=str(path), partial=True):
         if name.endswith(".chunk.npy"):
             return tuple(decode_npy(payload, what=name).shape)
     return None
 
 
-def read_shard(path: Path, split: str = "all") -> list[Sample]:
+def read_shard(path: Path, split: str = "all", sha256: str | None = None) -> list[Sample]:
     """Every sample of one shard in stored order, keeping those of `split` ("all" keeps all)."""
     samples, key, members = [], None, {}
-    for name, payload in tar_members(read_shard_bytes(path), file=str(path)):
+    for name, payload in tar_members(read_shard_bytes(path, sha256), file=str(path)):
         name_key, ext = split_name(name)
         if name_key != key and members:
             samples.append(decode_sample(key, members, file=str(path)))
@@ -231,7 +245,8 @@ def load_shard_infos(root: Path, split: str, kinds: tuple[str, ...]) -> dict[str
         if entry["kind"] in kinds:
             path = root / entry["path"]
             count = _split_count(path, entry, split)
-            infos[entry["kind"]].append(ShardInfo(path, entry["kind"], count, entry["samples"]))
+            infos[entry["kind"]].append(ShardInfo(path, entry["kind"], count, entry["samples"],
+                                                  entry.get("sha256")))
     return infos
 
 
@@ -429,7 +444,7 @@ class ShardReader:
 
     def _read(self, info: ShardInfo) -> list[Sample]:
         with self._local(info) as path:
-            return read_shard(path, self.split)
+            return read_shard(path, self.split, info.sha256)
 
     def _local(self, info: ShardInfo):
         """The shard's local file; a URL shard set fetches and sha256-checks it first."""

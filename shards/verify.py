@@ -1,6 +1,8 @@
 """Check a shard directory against its manifest and the token layout; list every problem found.
 
-Re-hashes every shard (size and sha256), the stats copy, and re-reads every sample: member set and
+First the records: the manifest's digest over every other field (and its canonical bytes), and
+`stage.json` when present (its digest, every file it lists). A manifest whose digest does not match
+is reported alone: its fields cannot be trusted to check the rest. Then re-hashes every shard (size and sha256), the stats copy, and re-reads every sample: member set and
 dtypes; the token layout segment by segment (image blocks = start, grid tokens, rows of image code
 ids each closed by a row end, end; action/state blocks = marker, exactly D/S bin ids within
 num_bins, end marker; text ids outside every special range); the segment order of the query kind
@@ -27,11 +29,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.cache import MANIFEST as STAGE_RECORD
+from pipeline.cache import output_problem
 from pipeline.errors import DataError
-from pipeline.io import sha256_bytes
+from pipeline.io import dumps_json, sha256_bytes
 from shards import vocab
 from shards.conversation import VLA
-from shards.format import CHUNK, MANIFEST, META, SCHEMA, TOKENS, parse_members
+from shards.format import CHUNK, MANIFEST, META, SCHEMA, TOKENS, manifest_digest, parse_members
 from shards.remote import RemoteShardSet, is_url
 from shards.tokenizer import special_mask
 from shards.bins import from_bins
@@ -337,12 +341,15 @@ def verify(directory: str | Path) -> Report:
 def _verify(root: Path, remote) -> Report:
     report = Report()
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest_bytes = (root / MANIFEST).read_bytes()
+        manifest = json.loads(manifest_bytes)
         lay = Layout.from_manifest(manifest)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         report.problems.append(f"{MANIFEST}: unreadable or incomplete ({type(exc).__name__}: "
                                f"{exc})")
         return report
+    if not check_records(root, manifest, manifest_bytes, report):
+        return report                    # its fields cannot be trusted to check anything else
     if manifest.get("schema") != SCHEMA:
         report.problems.append(f"{MANIFEST}: schema {manifest.get('schema')!r} != {SCHEMA}")
     splits = manifest.get("splits", {}).get("episodes", {})
@@ -355,4 +362,26 @@ def _verify(root: Path, remote) -> Report:
     check_files(root, manifest, report)
     check_totals(manifest, report)
     return report
+
+
+def check_records(root: Path, manifest: dict[str, Any], manifest_bytes: bytes,
+                  report: Report) -> bool:
+    """The manifest's own digest over every field (and its canonical bytes), and, when the set
+    has one, the runner's `stage.json`: its digest and every file it lists. False when the
+    manifest's fields are not the ones it was written with."""
+    if not isinstance(manifest, dict) or "digest" not in manifest:
+        report.problems.append(f"{MANIFEST}: no digest (written by an older rynn-pipe, or not a "
+                               "manifest); rebuild with `rynn-pipe tokenize`")
+        return False
+    if manifest["digest"] != manifest_digest(manifest):
+        report.problems.append(f"{MANIFEST}: a field was changed (its digest does not match; "
+                               "rebuild with `rynn-pipe tokenize`)")
+        return False
+    if dumps_json(manifest).encode() != manifest_bytes:
+        report.problems.append(f"{MANIFEST}: bytes differ from the canonical form it was written in")
+    if (root / STAGE_RECORD).exists() or (root / STAGE_RECORD).is_symlink():
+        problem = output_problem(root, fast=False)
+        if problem is not None:
+            report.problems.append(f"{STAGE_RECORD}: {problem}")
+    return True
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.errors import DataError
 from pipeline.progress import console
 from shards.vq_arch import (DDCONFIG_KEYS, RANDOM_ARCHS, CheckpointError, arch_from_hf, check_state,
@@ -115,7 +116,12 @@ def to_device(handle: VQHandle, device: str | torch.device) -> VQHandle:
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"image.device={device}: no such CUDA device here "
+                          f"({torch.cuda.device_count()} visible); use image.device=auto or cpu")
+    return dev
 
 
 def random_vq(arch: dict[str, Any], seed: int, *, name: str = "custom") -> VQHandle:

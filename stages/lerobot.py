@@ -239,8 +239,32 @@ def scan(root: Path, cfg: SourceConfig) -> list[EpisodeRef]:
     """One EpisodeRef per episode, sorted by episode index."""
     ds = _dataset(Path(root))
     _check_features(ds, cfg)
+    _check_data_files(Path(root), ds)
     return [EpisodeRef(source=ep.data_file, key=f"episode_{i:06d}", task=ep.task,
                        length=ep.length) for i, ep in sorted(ds.episodes.items())]
+
+
+def _check_data_files(root: Path, ds: _Dataset) -> None:
+    """Every episode in the data files is in the episodes metadata (none silently ignored), and
+    every parquet file under data/ belongs to a listed episode."""
+    files: dict[str, set[int]] = {}
+    for i, ep in ds.episodes.items():
+        files.setdefault(ep.data_file, set()).add(i)
+    for path in sorted((root / "data").rglob("*.parquet")) if (root / "data").is_dir() else ():
+        rel = path.relative_to(root).as_posix()
+        if rel not in files:
+            raise DataError("data file holds no episode listed in the episodes metadata (add its "
+                            "episodes to meta/ or remove the file)", file=rel)
+    for rel, listed in sorted(files.items()):
+        if not (root / rel).is_file():
+            continue                      # reported with the episode when it is loaded
+        found = set(_read_parquet(root, rel, columns=["episode_index"])["episode_index"]
+                    .to_pylist())
+        extra = sorted(found - listed)
+        if extra:
+            raise DataError(f"episode_index {extra[0]} is in the data file but not in the episodes "
+                            f"metadata ({len(extra)} such episode(s)); fix meta/ or remove its "
+                            "rows", file=rel, key="episode_index")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +328,17 @@ def _check_rows(table: pa.Table, ep: _EpisodeMeta, where: dict) -> np.ndarray:
     if not np.isfinite(stamps).all() or (n > 1 and (np.diff(stamps) <= 0).any()):
         raise DataError("timestamps must be finite and increasing", key="timestamp", **where)
     return stamps
+
+
+def _check_grid(stamps: np.ndarray, fps: float, tolerance: float, where: dict) -> None:
+    """Row t's timestamp is frame_index / fps within the tolerance: a row between two frames
+    would otherwise silently take a neighbouring frame."""
+    off = np.abs(stamps - np.arange(len(stamps)) / fps)
+    if len(off) and off.max() > tolerance:
+        row = int(np.argmax(off > tolerance))
+        raise DataError(f"frame {row} has timestamp {stamps[row]:.4f}s, {off[row] * fps:.2f} "
+                        f"frames from frame_index / fps = {row / fps:.4f}s (more than "
+                        f"source.lerobot_tolerance_s={tolerance})", key="timestamp", **where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,6 +483,7 @@ def load(root: Path, ref: EpisodeRef, cfg: SourceConfig) -> Episode:
     cameras = _camera_keys(cfg)
     size = _check_video(root, ep.videos[cameras["front"]], stamps, ds.fps, ref.key)
     _check_video(root, ep.videos[cameras["wrist"]], stamps, ds.fps, ref.key)
+    _check_grid(stamps, ds.fps, cfg.lerobot_tolerance_s, where)
     task_ids = table["task_index"].to_pylist()
     instruction = ds.tasks.get(task_ids[0], ep.task) if task_ids else ep.task
     return Episode(ref=ref, instruction=instruction, actions=actions, states=states,

@@ -31,6 +31,7 @@ import numpy as np
 from pipeline.config import SourceConfig
 from pipeline.episode import Episode, EpisodeRef
 from pipeline.errors import DataError
+from pipeline.io import walk_files
 
 SUFFIX = "_demo.hdf5"
 DEMO_KEY = re.compile(r"demo_(\d+)")
@@ -44,7 +45,7 @@ STATE_KEYS = (("obs/ee_pos", 3), ("obs/ee_ori", 3), ("obs/gripper_states", 2))
 # ---------------------------------------------------------------------------------------------
 
 def detect(root: Path) -> bool:
-    return next(Path(root).rglob("*.hdf5"), None) is not None
+    return bool(_files(Path(root)))
 
 
 def task_name(source: str) -> str:
@@ -59,7 +60,7 @@ def instruction_from_filename(source: str) -> str:
 
 
 def _files(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.hdf5") if p.is_file())
+    return [p.relative_to(root).as_posix() for p in walk_files(root) if p.suffix == ".hdf5"]
 
 
 class _OpenFile(threading.local):

@@ -29,7 +29,7 @@ from pipeline.actions import relative_dtype
 from pipeline.splits import TRAIN, VAL, coarse, episode_splits
 from shards.conversation import (DEFAULT_RULES, KINDS, VLA, WM, Codec, Rules, episode_samples,
                                  episode_tokens)
-from shards.format import MANIFEST, SCHEMA, STATS, vocab_facts
+from shards.format import MANIFEST, SCHEMA, STATS, manifest_digest, vocab_facts
 from shards.tokenizer import TextTokenizer, load_text_tokenizer
 from shards.writer import ShardSetWriter, totals
 from shards.bins import Stats
@@ -196,6 +196,7 @@ def build_shards(cfg: RunConfig, filter_dir: Path, fit_dir: Path, store_dir: Pat
             "per_camera_wm": rules.per_camera_wm}
     manifest = shard_manifest(cfg, writer.entries, stats_bytes, stats, tokenizer, store, rows,
                               split, drops, dims)
+    manifest["digest"] = manifest_digest(manifest)
     write_json(out / MANIFEST, manifest)
     return manifest
 
@@ -255,5 +256,5 @@ def input_digest(ctx: Context) -> dict[str, str]:
     return out
 
 
-STAGE = Stage(name="shards", version="2", fields=FIELDS, deps=DEPS, run=run, estimate=estimate,
+STAGE = Stage(name="shards", version="3", fields=FIELDS, deps=DEPS, run=run, estimate=estimate,
               input_digest=input_digest)

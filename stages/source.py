@@ -38,7 +38,21 @@ def format_name(root: Path, cfg: SourceConfig) -> str:
 
 
 def scan(root: Path, cfg: SourceConfig) -> list[EpisodeRef]:
-    return reader(root, cfg).scan(root, cfg)
+    refs = reader(root, cfg).scan(root, cfg)
+    check_unique_ids(refs)
+    return refs
+
+
+def check_unique_ids(refs: list[EpisodeRef]) -> None:
+    """Two episodes mapping to one id (`x/y_demo.hdf5` and `x__y_demo.hdf5`) would mix their
+    arrays and codes: an error naming both files."""
+    seen: dict[str, EpisodeRef] = {}
+    for ref in refs:
+        other = seen.setdefault(ref.episode_id, ref)
+        if other is not ref:
+            raise DataError(f"{other.source} ({other.key}) and {ref.source} ({ref.key}) map to the "
+                            f"same episode id {ref.episode_id!r}; rename one of the files",
+                            file=ref.source, episode=ref.episode_id)
 
 
 def load(root: Path, ref: EpisodeRef, cfg: SourceConfig) -> Episode:

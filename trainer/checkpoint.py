@@ -2,6 +2,7 @@
 
 A step directory holds everything inference and resume need:
     model.safetensors   model + head weights
+    checksums.json      its sha256 (checked on load, with its header and every tensor finite)
     optimizer.pt        optimizer state
     state.pt            training state: step, RNG states of every rank, data-reader position
     config.json         the resolved TrainConfig and model dims (K, D)
@@ -36,6 +37,7 @@ from trainer.config import ModelConfig, TrainConfig
 
 LATEST = "latest"
 CARD = "processor.json"
+CHECKSUMS = "checksums.json"     # sha256 of model.safetensors, checked when the weights load
 
 
 def step_name(step: int) -> str:
@@ -108,11 +110,16 @@ def save(run: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
     final = run / step_name(step)
     if rank_and_world()[0] != 0:
         return final
+    bad = nonfinite(weights)
+    if bad is not None:
+        raise RynnError(f"step {step}: weight {bad} is not finite (NaN/inf); nothing saved. The "
+                        "run diverged: lower lr or check the data")
     tmp = run / f".tmp-{step_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous() for k, v in weights.items()},
               str(tmp / "model.safetensors"))
+    write_json(tmp / CHECKSUMS, {"model.safetensors": sha256_file(tmp / "model.safetensors")})
     torch.save(optim, tmp / "optimizer.pt")
     torch.save({**state, "rng": rngs}, tmp / "state.pt")
     write_json(tmp / "config.json", {"train": dataclasses.asdict(cfg), "chunk": card["K"],
@@ -124,6 +131,43 @@ def save(run: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
     fsync_dir(run)
     prune(run, keep_last)
     return final
+
+
+def nonfinite(weights: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN or inf, or None."""
+    for name, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def load_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """`model.safetensors`, its header and every tensor checked: damage is an error naming it."""
+    path = step_dir / "model.safetensors"
+    if not path.is_file():
+        raise RynnError(f"{path}: missing; point --checkpoint at a step-NNNNNN directory")
+    sums = step_dir / CHECKSUMS
+    if sums.is_file() and sha256_file(path) != read_json(sums).get(path.name):
+        raise RynnError(f"{path}: does not match its sha256 in {CHECKSUMS}; the checkpoint is "
+                        "damaged: use another step")
+    try:
+        weights = load_file(str(path))
+    except Exception as exc:       # SafetensorError (bad header, truncated) is not exported
+        raise RynnError(f"{path}: not a readable safetensors file ({' '.join(str(exc).split())}); "
+                        "the checkpoint is damaged: use another step") from None
+    bad = nonfinite(weights)
+    if bad is not None:
+        raise RynnError(f"{path}: tensor {bad} holds NaN/inf; the checkpoint is damaged or "
+                        "diverged: use another step")
+    return weights
+
+
+def remove_debris(run: Path) -> list[Path]:
+    """`.tmp-*` left by a save that was killed (a step directory or the `latest` pointer)."""
+    found = sorted(run.glob(".tmp-*"))
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return found
 
 
 def prune(run: Path, keep_last: int) -> None:
@@ -143,10 +187,16 @@ def latest(run: Path) -> Path | None:
 
 
 def read_config(step_dir: Path) -> tuple[TrainConfig, int, int]:
-    doc = read_json(step_dir / "config.json")
-    train = dict(doc["train"])
-    model = ModelConfig(**train.pop("model"))
-    return TrainConfig(model=model, **train), int(doc["chunk"]), int(doc["action_dim"])
+    path = step_dir / "config.json"
+    if not path.is_file():
+        raise RynnError(f"{path}: missing; point --checkpoint at a step-NNNNNN directory of a run")
+    doc = read_json(path)
+    try:
+        train = dict(doc["train"])
+        model = ModelConfig(**train.pop("model"))
+        return TrainConfig(model=model, **train), int(doc["chunk"]), int(doc["action_dim"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RynnError(f"{path}: not a checkpoint config ({type(exc).__name__}: {exc})") from None
 
 
 def load_model(step_dir: Path) -> torch.nn.Module:
@@ -154,7 +204,11 @@ def load_model(step_dir: Path) -> torch.nn.Module:
     from trainer.model import RynnModel
     cfg, chunk, action_dim = read_config(step_dir)
     model = RynnModel(cfg.model, chunk=chunk, action_dim=action_dim)
-    model.load_state_dict(load_file(str(step_dir / "model.safetensors")))
+    try:
+        model.load_state_dict(load_weights(step_dir))
+    except RuntimeError as exc:        # names or shapes that do not fit config.json
+        raise RynnError(f"{step_dir}: model.safetensors does not fit its config.json "
+                        f"({str(exc).splitlines()[0]})") from None
     return model.eval()
 
 
@@ -162,7 +216,7 @@ def load_training(step_dir: Path, model: torch.nn.Module, optimizer: torch.optim
                   ) -> dict[str, Any]:
     """Restore weights, optimizer and this rank's RNG; return the saved training state.
     Collective under torch.distributed (every rank reads the files: a shared filesystem)."""
-    weights = load_file(str(step_dir / "model.safetensors"))
+    weights = load_weights(step_dir)
     optim = torch.load(step_dir / "optimizer.pt", weights_only=False)
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
                    options=StateDictOptions(full_state_dict=True, strict=True))

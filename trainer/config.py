@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -93,7 +94,10 @@ class TrainConfig:
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
-        _check(self.lr > 0, "lr", "must be > 0")
+        _check(math.isfinite(self.lr) and self.lr > 0, "lr", "must be finite and > 0")
+        for name in ("eval_every", "save_every", "log_every", "eval_batches"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+        _check(self.grad_clip > 0, "grad_clip", "must be > 0")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1 (the latest checkpoint is kept)")
         _check(self.mix is None or 0 <= self.mix <= 1, "mix", "must be in [0, 1] or none")
 

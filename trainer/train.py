@@ -30,7 +30,7 @@ from rich.markup import escape
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline.errors import RynnError
-from pipeline.io import read_json, write_bytes, write_json
+from pipeline.io import read_json, sha256_file, write_bytes, write_json
 from pipeline.progress import Progress, console
 from shards.reader import ShardReader
 from shards.remote import RemoteShardSet, is_url
@@ -69,10 +69,14 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def manifest_path(shards: Path | str) -> Path:
+    """The manifest of a shard set: in the directory, or for a URL freshly fetched into its
+    local cache (shards/remote.py)."""
+    return (RemoteShardSet(shards).root if isinstance(shards, str) else shards) / "manifest.json"
+
+
 def shard_manifest(shards: Path | str) -> dict:
-    """The manifest of a shard set: a directory, or a URL (its locally cached manifest)."""
-    local = RemoteShardSet(shards).root if isinstance(shards, str) else shards
-    return read_json(local / "manifest.json")
+    return read_json(manifest_path(shards))
 
 
 def split_samples(shards: Path | str, split: str) -> int:
@@ -215,11 +219,41 @@ def log(run: Path, row: dict[str, Any]) -> None:
 
 
 def truncate_metrics(run: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint (they will be logged again)."""
+    """On resume from the checkpoint at `step`, drop rows that will be logged again: training
+    rows after it, and held-out rows from it on (evaluation at `step` runs after its save). A
+    torn last line (a kill mid-write) is dropped; a damaged line elsewhere is an error."""
     path = run / "metrics.jsonl"
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        write_bytes(path, "".join(r + "\n" for r in rows).encode())
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise RynnError(f"{path}: line {i + 1} is not JSON; repair or remove the file "
+                            "before --resume") from None
+        if row["step"] < step or (row["step"] == step and "loss" in row):
+            rows.append(line)
+    write_bytes(path, "".join(r + "\n" for r in rows).encode())
+
+
+def finished(run: Path, cfg: TrainConfig, shards: Path | str) -> bool:
+    """The run's latest checkpoint is step cfg.steps and its final row is logged (the held-out
+    row when the shards have a held-out split)."""
+    last = ckpt.latest(run)
+    path = run / "metrics.jsonl"
+    if last is None or last.name != ckpt.step_name(cfg.steps) or not path.exists():
+        return False
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    except json.JSONDecodeError:
+        return False
+    held_out = shard_manifest(shards).get("splits", {}).get("counts", {}).get("val")
+    final = [r for r in rows if "loss" not in r] if held_out else rows
+    return bool(final) and final[-1]["step"] == cfg.steps
 
 
 def plot(run: Path) -> Path:
@@ -258,10 +292,14 @@ def train(cfg: TrainConfig, shards: Path | str, out: Path, *, resume: bool = Fal
     rank, world, device = setup_distributed()
     out = Path(out)
     shards = str(shards) if is_url(shards) else Path(shards)   # a URL: shards/remote.py
-    local = RemoteShardSet(shards).root if isinstance(shards, str) else shards
-    if not (local / "manifest.json").exists():
+    manifest = manifest_path(shards)
+    if not manifest.exists():
         raise RynnError(f"--shards {shards}: no manifest.json (run `rynn-pipe tokenize` first)")
-    card = ckpt.processor_card(local)
+    card = ckpt.processor_card(manifest.parent)
+    if resume and finished(out, cfg, shards):
+        console.print(f"--resume: {out} already finished at step {cfg.steps}; nothing to do "
+                      "(raise --steps to train further)")
+        return ckpt.latest(out)
     if init is not None:
         cfg = replace(cfg, model=init_model_config(cfg.model, Path(init), rank))
     model = build_model(cfg, card, init, device)
@@ -274,6 +312,8 @@ def train(cfg: TrainConfig, shards: Path | str, out: Path, *, resume: bool = Fal
     state = restore(out, card, cfg, net, optimizer, reader) if resume else {"step": 0}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for debris in ckpt.remove_debris(out):
+            console.print(f"removed {debris.name} (left by a killed save)")
         truncate_metrics(out, state["step"])
         write_json(out / "train_config.json", asdict(cfg))
     loop(cfg, net, optimizer, reader, state, shards, out, card, device, stop_after)
@@ -312,6 +352,12 @@ def check_same_run(step_dir: Path, card: dict[str, Any], cfg: TrainConfig) -> No
                   if getattr(saved_cfg.model, f.name) != getattr(cfg.model, f.name)]
         raise RynnError(f"--resume: {step_dir} has another model shape ({'; '.join(differ)}); "
                         "use the same --preset, --set and --init")
+    for name in ("batch_size", "grad_accum", "seed", "mix", "train_split"):
+        if getattr(saved_cfg, name) != getattr(cfg, name):
+            raise RynnError(f"--resume: {step_dir} was trained with {name}="
+                            f"{getattr(saved_cfg, name)}, this run has {getattr(cfg, name)}; "
+                            f"resume with --set {name}={getattr(saved_cfg, name)} or start a new "
+                            "--out (the data order depends on it)")
 
 
 def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -325,6 +371,7 @@ def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimize
         while state["step"] < cfg.steps:
             # ---- once in a while: evaluate on the held-out split
             if state["step"] > 0 and state["step"] % cfg.eval_every == 0:
+                check_shards_unchanged(shards, card)
                 metrics = evaluate(net, shards, cfg, device, rank, world)
                 if rank == 0 and metrics:
                     log(out, {"step": state["step"], **metrics})
@@ -343,9 +390,18 @@ def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimize
                 ckpt.save(out, state["step"], net, optimizer, state, cfg, card, cfg.keep_last)
             if stop_after is not None and state["step"] >= stop_after:
                 return
+    check_shards_unchanged(shards, card)
     metrics = evaluate(net, shards, cfg, device, rank, world)
     if rank == 0 and metrics:
         log(out, {"step": state["step"], **metrics})
+
+
+def check_shards_unchanged(shards: Path | str, card: dict[str, Any]) -> None:
+    """The held-out reader opens the set afresh: it must still be the one training started on."""
+    if sha256_file(manifest_path(shards)) != card["shards_manifest_sha256"]:
+        raise RynnError(f"--shards {shards}: manifest.json changed since training started (the "
+                        "set was re-exported); train on a set nothing rewrites (a new set needs "
+                        "a new --out)")
 
 
 def train_step(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -363,6 +419,7 @@ def train_step(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Op
         with gradient_sync(net, micro == cfg.grad_accum - 1):
             with autocast(cfg, device):
                 out = net(batch, train_cfg=cfg)
+            check_finite(out["loss"], step)
             (out["loss"] / cfg.grad_accum).backward()
         terms.add(out, batch)
         compute += time.perf_counter() - t1
@@ -371,12 +428,21 @@ def train_step(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Op
     t2 = time.perf_counter()
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP2: a DTensor
+    check_finite(norm, step, "gradient norm")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     compute += time.perf_counter() - t2
     return {"terms": terms, "lr": lr, "grad_norm": float(norm), "data_wait_s": wait,
             "compute_s": compute, "tokens": tokens,
             "tokens_per_s": tokens / max(wait + compute, 1e-9)}
+
+
+def check_finite(value: torch.Tensor, step: int, what: str = "loss") -> None:
+    """A NaN/inf loss or gradient stops the run before the optimizer step (nothing is saved)."""
+    if not bool(torch.isfinite(value.detach()).all()):
+        raise RynnError(f"step {step}: {what} is {float(value.detach()):g} (not finite); the run "
+                        "stopped with nothing saved from it. Lower lr (or check the shards with "
+                        "`rynn-pipe verify`) and --resume from the last checkpoint")
 
 
 class Window:
