@@ -53,6 +53,7 @@ import torch
 
 from pipeline.errors import DataError
 from pipeline.io import read_json
+from pipeline.threads import local_processes, threads_per_process
 from shards import vocab
 
 KINDS = ("vla", "wm")
@@ -364,7 +365,8 @@ class ShardReader:
     def __init__(self, root: str | Path, *, batch_size: int, split: str = "train",
                  mix: float | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, prefetch: int = 2, kinds: tuple[str, ...] = KINDS,
-                 shuffle_shards: int = 2, pad_multiple: int = 8, threads: int = 2) -> None:
+                 shuffle_shards: int = 2, pad_multiple: int = 8, threads: int | None = None) -> None:
+        threads = reader_threads() if threads is None else threads
         _validate(batch_size, split, mix, rank, world_size, prefetch, kinds, shuffle_shards,
                   pad_multiple, threads)
         self.root, self.batch_size, self.split, self.seed = Path(root), batch_size, split, seed
@@ -500,6 +502,11 @@ class ShardReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def reader_threads() -> int:
+    """Default shard-loading threads: 2 (a block's shards), within this process's thread budget."""
+    return min(2, threads_per_process(local_processes()))
 
 
 def _background(source: Iterator[Any], depth: int) -> Iterator[Any]:

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from pipeline.errors import RynnError
 from pipeline.io import write_bytes, write_json
 from pipeline.progress import Progress, console
+from pipeline.threads import limit_threads, local_processes
 from shards.reader import ShardReader
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig
@@ -221,6 +222,7 @@ def train(cfg: TrainConfig, shards: Path, out: Path, *, resume: bool = False,
     `cfg` carries the preset and step count (`resolve_train_config(preset, sets, steps=)`).
     `stop_after` ends the process's work early at that step (tests: a run stopped mid-way)."""
     rank, world, device = setup_distributed()
+    limit_threads(local_processes())                # this rank's share of the cores
     shards, out = Path(shards), Path(out)
     if not (shards / "manifest.json").exists():
         raise RynnError(f"--shards {shards}: no manifest.json (run `rynn-pipe tokenize` first)")
