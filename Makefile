@@ -18,7 +18,7 @@ SET    ?=
 SETS   := $(foreach s,$(SET),--set $(s))
 TORCH_VERSION := 2.13.0
 
-.PHONY: help setup demo demo-data shards plan verify inspect train act imagine eval test test-all bench clean
+.PHONY: help setup demo demo-data shards plan verify inspect train act imagine eval test test-all bench bench-gpu clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -74,6 +74,9 @@ test-all: setup ## every test, the slow tier included
 
 bench: setup ## speed and size benchmarks (ratios against baselines measured in the same run)
 	$(PY) -m bench
+
+bench-gpu: setup ## accelerator figures as one JSON (VQ-GAN, training MFU, inference; < 8 min)
+	$(PY) -m bench --device cuda
 
 clean:
 	rm -rf out runs

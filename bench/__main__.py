@@ -2,7 +2,11 @@
 
 Names: vq (pretokenize vs bare encoder vs published batch-1 re-encode), reader (shard reader vs
 memmap vs pickle-per-sample, bytes per token), train (data wait vs compute, tokens/s),
-infer (continuous vs discrete actions per second, KV cache vs none).
+infer (continuous vs discrete actions per second, KV cache vs none), memory (peak RSS of
+`tokenize` on 10 vs 100 demo episodes, of the reader over 1x vs 10x the shards).
+
+`python -m bench --device cuda [--smoke]` runs the accelerator bench instead (bench/bench_device.py:
+one JSON; `--device cpu --smoke` checks its code paths at toy sizes, as the test suite does).
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ BENCHES = {"vq": "bench.bench_vq", "reader": "bench.bench_reader", "train": "ben
 
 
 def main(argv: list[str]) -> int:
+    if any(a == "--device" or a.startswith("--device=") for a in argv):
+        from bench import bench_device
+        bench_device.main(argv)
+        return 0
     names = argv or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
