@@ -1,13 +1,19 @@
-"""Trainer benchmark: time per step split into waiting for data vs compute, tokens/s, and the
-speed of logits at supervised positions only vs full-vocabulary logits at every position.
+"""Trainer benchmark: time per step split into waiting for data vs compute, tokens/s, the speed
+of logits at supervised positions only vs full-vocabulary logits at every position, and tokens/s
+with a second torch process on the same cores, before and after the thread budget
+(pipeline/threads.py): alone (this process's whole budget) vs beside a matmul-bound torch process
+when both take every core (torch's default) vs when each takes its share (`threads_per_process(2)`).
 
-    python -m bench train        # builds tiny demo shards (128 px) in a temp dir unless given
+    python -m bench train        # builds small demo shards (64 px) in a temp dir unless given
     python -m bench.bench_train --shards out/demo/shards --preset tiny --steps 12
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.threads import threads_per_process, usable_cores
 from shards import vocab
 from shards.reader import ShardReader
 from trainer.checkpoint import processor_card
@@ -23,11 +30,12 @@ from trainer.model import RynnModel
 from trainer.train import build_optimizer, train_step
 
 
-def demo_shards(root: Path) -> Path:
+def demo_shards(root: Path, resolution: int) -> Path:
     from pipeline.demo_data import write_demo_suite
     from pipeline.workflow import resolve_config, tokenize
-    write_demo_suite(root / "raw", tasks=2, demos=3, seed=1)
-    tokenize(resolve_config("demo"), root / "raw", root / "out", quiet=True)
+    write_demo_suite(root / "raw", tasks=1, demos=2, steps=24, seed=1)
+    tokenize(resolve_config("demo", [f"image.resolution={resolution}"]), root / "raw", root / "out",
+             quiet=True)
     return root / "out" / "shards"
 
 
@@ -77,15 +85,52 @@ def _time(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+BURN = ("import sys, torch\ntorch.set_num_threads(int(sys.argv[1]))\na = torch.randn(384, 384)\n"
+        "while True:\n    a = torch.tanh(a @ a)\n")
+
+
+def tokens_per_s(shards: Path, args, threads: int, neighbour_threads: int | None) -> float:
+    """Training tokens/s with `threads` intra-op threads, beside a torch process busy with
+    matmuls on `neighbour_threads` threads (None: no such process)."""
+    before = torch.get_num_threads()
+    other = None if neighbour_threads is None else subprocess.Popen(
+        [sys.executable, "-c", BURN, str(neighbour_threads)])
+    try:
+        torch.set_num_threads(threads)
+        time.sleep(0.5 if other else 0)              # let the neighbour start its loop
+        return step_split(shards, args.preset, args.contention_steps, args.batch)["tokens_per_s"]
+    finally:
+        torch.set_num_threads(before)
+        if other is not None:
+            other.kill()
+            other.wait()
+
+
+def contention(shards: Path, args) -> None:
+    cores, share = usable_cores(), threads_per_process(2)
+    alone = tokens_per_s(shards, args, cores, None)
+    crowded = tokens_per_s(shards, args, cores, cores)
+    budget = tokens_per_s(shards, args, share, share)
+    print(f"training tokens/s ({args.preset}, batch {args.batch}, {cores} usable cores, load "
+          f"average {os.getloadavg()[0]:.1f}): alone ({cores} threads) {alone:.0f}; beside a "
+          f"second torch process, no budget ({cores}+{cores} threads) {crowded:.0f} -> "
+          f"{alone / crowded:.2f}x slower; with the budget ({share}+{share}) {budget:.0f} -> "
+          f"{alone / budget:.2f}x slower (goal: within 2x)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=Path)
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--resolution", type=int, default=64,
+                    help="of the demo shards built when --shards is not given (the demo: 128)")
+    ap.add_argument("--contention-steps", type=int, default=4,
+                    help="steps per run of the second-process comparison (the first is warm-up)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        shards = args.shards or demo_shards(Path(tmp))
+        shards = args.shards or demo_shards(Path(tmp), args.resolution)
         s = step_split(shards, args.preset, args.steps, args.batch)
         total = s["wait"] + s["compute"]
         print(f"trainer ({args.preset}, batch {args.batch}, {args.steps - 1} steps): data wait "
@@ -95,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         full, sup = logits_ratio(shards, args.preset, args.batch)
         print(f"forward+backward: full-vocabulary logits {full:.2f} s vs supervised positions only "
               f"{sup:.2f} s -> {full / sup:.2f}x faster")
+        contention(shards, args)
 
 
 if __name__ == "__main__":
