@@ -15,11 +15,14 @@ import importlib
 import sys
 import time
 
+from pipeline.threads import passive_openmp
+
 BENCHES = {"vq": "bench.bench_vq", "reader": "bench.bench_reader", "train": "bench.bench_train",
-           "infer": "bench.bench_infer"}
+           "infer": "bench.bench_infer", "memory": "bench.bench_memory"}
 
 
 def main(argv: list[str]) -> int:
+    passive_openmp()        # as `rynn-pipe` does, before torch loads (pipeline/threads.py)
     if any(a == "--device" or a.startswith("--device=") for a in argv):
         from bench import bench_device
         bench_device.main(argv)

@@ -13,17 +13,26 @@ Every place that starts processes or sizes a thread pool asks this module instea
 The cores come from `os.sched_getaffinity(0)` (what `taskset`, cpusets and Slurm grant), capped by
 a cgroup v2 CPU quota (`docker --cpus`) when one is set. `RYNN_THREADS=N` overrides the result:
 every process then uses N threads, whatever the count of processes.
+
+Other people's processes on the same cores are outside any budget. There, OpenMP threads that
+spin while waiting for a descheduled sibling cost far more than a fair share (measured on a
+shared 2-core machine at load 8-9: pretokenize 13x slower with 2 spinning threads than with 1).
+`passive_openmp()`, called by `rynn-pipe` and `python -m bench` before torch loads, makes waiting
+threads sleep instead (`OMP_WAIT_POLICY=PASSIVE`, unless the variable is already set; set it to
+ACTIVE to get spinning back).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 ENV = "RYNN_THREADS"
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+WAIT_POLICY = "OMP_WAIT_POLICY"
 
 
 def usable_cores() -> int:
@@ -88,8 +97,19 @@ def limit_threads(processes: int = 1) -> int:
 
 def child_env(processes: int = 1, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for one of `processes` child processes: OpenMP/MKL/BLAS threads set to its
-    share (for children that do not call `limit_threads`, e.g. simulator processes)."""
+    share and sleeping waits (for children that do not call `limit_threads`, e.g. simulator
+    processes)."""
     env = dict(os.environ if base is None else base)
     threads = str(threads_per_process(processes))
     env.update({name: threads for name in THREAD_VARS})
+    env.setdefault(WAIT_POLICY, "PASSIVE")
     return env
+
+
+def passive_openmp() -> bool:
+    """Set `OMP_WAIT_POLICY=PASSIVE` unless already set; False when too late (torch, and with it
+    the OpenMP runtime, is already loaded in this process). Processes started later inherit it."""
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault(WAIT_POLICY, "PASSIVE")
+    return True

@@ -79,3 +79,20 @@ def test_limit_threads_sets_torch(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _fresh_python(code: str, **env: str) -> str:
+    import subprocess
+    import sys
+    full = {k: v for k, v in os.environ.items() if k != threads.WAIT_POLICY} | env
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def test_passive_openmp_before_torch_loads_and_respects_the_user():
+    code = ("import os; from pipeline.threads import passive_openmp; ok = passive_openmp(); "
+            "import torch; print(ok, os.environ['OMP_WAIT_POLICY'])")
+    assert _fresh_python(code) == ["True", "PASSIVE"]
+    assert _fresh_python(code, OMP_WAIT_POLICY="ACTIVE") == ["True", "ACTIVE"]
+    assert threads.passive_openmp() is False          # torch is loaded in this process
+    assert threads.child_env(2, base={})[threads.WAIT_POLICY] == "PASSIVE"
