@@ -1,6 +1,6 @@
 """Bench `vq`: the pretokenize stage vs the best bare encoder vs the published batch-1 loop.
 
-All run in one process on the same frames: the demo suite (`pipeline.demo_data`, 2 demos x 24
+All run in one process on the same frames: the demo suite (`pipeline.demo_data`, 4 demos x 24
 steps) through the real `filter` stage when that module exists, else synthetic 128x128 episodes;
 the demo recipe's 128 px and small random VQ-GAN unless `--resolution` / `--arch full`.
 
@@ -10,7 +10,8 @@ the demo recipe's 128 px and small random VQ-GAN unless `--resolution` / `--arch
   changes codes, so it is not the reference);
 - the stage: its encode pipeline (reader in a loader thread, encoder, writer thread writing the
   codes files) on a fresh output directory, at the batch size the stage picks itself
-  (stages/vq_batch.py: remembered under $RYNN_HOME or measured now) unless `--batch-size`;
+  (stages/vq_batch.py, measured afresh into the bench's temporary directory, as on a first run)
+  unless `--batch-size`;
 - published style: every VLA sample (history M=2) and world-model sample (frame t -> t+1) encodes
   each (frame, view) it uses anew with batch size 1; timed on a prefix and extrapolated (only the
   encodes and their preprocessing are counted, not its image loading or pickle writing).
@@ -169,7 +170,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="the stage's batch; default: its own measured choice (stages/vq_batch.py)")
     p.add_argument("--sizes", default="1,2,4,8,16", help="bare-encoder batch sizes to sweep")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per sweep point")
-    p.add_argument("--episodes", type=int, default=2)
+    p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--frames", type=int, default=24)
     p.add_argument("--published-sample", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2, help="timing rounds of the stage (best kept)")
@@ -204,8 +205,9 @@ def report(cfg: RunConfig, handle, raw: Path, filt: Path, work: Path, args) -> N
     print(f"bare encoder bf16-mixed at batch {best_b}: {bf16:.2f} images/s ({bf16 / rates[best_b]:.2f}x "
           f"fp32), code agreement with fp32 {vq.agreement(handle, pixels[:best_b]):.1%} "
           "(changes codes: not the reference)")
-    if cfg.image.batch_size is None:
-        chosen, how = best_batch_size(handle, cfg.image.resolution, cfg.image.precision)
+    if cfg.image.batch_size is None:     # measured now, as on a first run (not a stale file)
+        chosen, how = best_batch_size(handle, cfg.image.resolution, cfg.image.precision,
+                                      path=work / "vq_batch.json")
         cfg = replace(cfg, image=replace(cfg.image, batch_size=chosen))
     else:
         chosen, how = cfg.image.batch_size, "--batch-size"
