@@ -1,8 +1,9 @@
 """Trainer benchmark: time per step split into waiting for data vs compute, tokens/s, the speed
 of logits at supervised positions only vs full-vocabulary logits at every position, and tokens/s
-with a second torch process on the same cores, before and after the thread budget
-(pipeline/threads.py): alone (this process's whole budget) vs beside a matmul-bound torch process
-when both take every core (torch's default) vs when each takes its share (`threads_per_process(2)`).
+of a training process alone vs beside a matmul-bound torch process (each in a fresh process):
+before (torch's defaults: both take every core, waiting OpenMP threads spin) and after
+(`OMP_WAIT_POLICY=PASSIVE` as `rynn-pipe` sets it, then also each process taking its share of the
+thread budget, `pipeline.threads.threads_per_process(2)`).
 
     python -m bench train        # builds small demo shards (64 px) in a temp dir unless given
     python -m bench.bench_train --shards out/demo/shards --preset tiny --steps 12
@@ -89,48 +90,68 @@ BURN = ("import sys, torch\ntorch.set_num_threads(int(sys.argv[1]))\na = torch.r
         "while True:\n    a = torch.tanh(a @ a)\n")
 
 
-def tokens_per_s(shards: Path, args, threads: int, neighbour_threads: int | None) -> float:
-    """Training tokens/s with `threads` intra-op threads, beside a torch process busy with
-    matmuls on `neighbour_threads` threads (None: no such process)."""
-    before = torch.get_num_threads()
+def tokens_per_s(shards: Path, args, threads: int, neighbour_threads: int | None,
+                 policy: str) -> float:
+    """Training tokens/s of a fresh process with `threads` intra-op threads and
+    OMP_WAIT_POLICY=`policy`, beside a torch process busy with matmuls on `neighbour_threads`
+    threads under the same policy (None: no such process)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": policy}
     other = None if neighbour_threads is None else subprocess.Popen(
-        [sys.executable, "-c", BURN, str(neighbour_threads)])
+        [sys.executable, "-c", BURN, str(neighbour_threads)], env=env)
     try:
-        torch.set_num_threads(threads)
-        time.sleep(0.5 if other else 0)              # let the neighbour start its loop
-        return step_split(shards, args.preset, args.contention_steps, args.batch)["tokens_per_s"]
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.bench_train", "--shards", str(shards), "--preset",
+             args.preset, "--batch", str(args.batch), "--contention-steps",
+             str(args.contention_steps), "--child-threads", str(threads)],
+            env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"bench train child failed:\n{done.stderr[-3000:]}")
+        return float(done.stdout.split()[-1])
     finally:
-        torch.set_num_threads(before)
         if other is not None:
             other.kill()
             other.wait()
 
 
 def contention(shards: Path, args) -> None:
+    """Before: torch's defaults (every process takes every core, waiting threads spin). After:
+    sleeping waits (`rynn-pipe` sets them), then also the thread budget."""
     cores, share = usable_cores(), threads_per_process(2)
-    alone = tokens_per_s(shards, args, cores, None)
-    crowded = tokens_per_s(shards, args, cores, cores)
-    budget = tokens_per_s(shards, args, share, share)
-    print(f"training tokens/s ({args.preset}, batch {args.batch}, {cores} usable cores, load "
-          f"average {os.getloadavg()[0]:.1f}): alone ({cores} threads) {alone:.0f}; beside a "
-          f"second torch process, no budget ({cores}+{cores} threads) {crowded:.0f} -> "
-          f"{alone / crowded:.2f}x slower; with the budget ({share}+{share}) {budget:.0f} -> "
-          f"{alone / budget:.2f}x slower (goal: within 2x)")
+    solo_spin = tokens_per_s(shards, args, cores, None, "ACTIVE")
+    before = tokens_per_s(shards, args, cores, cores, "ACTIVE")
+    solo = tokens_per_s(shards, args, cores, None, "PASSIVE")
+    after = tokens_per_s(shards, args, share, share, "PASSIVE")
+    print(f"training tokens/s beside a second torch process ({args.preset}, batch {args.batch}, "
+          f"{cores} usable cores, load average {os.getloadavg()[0]:.1f}):\n"
+          f"  before, spinning waits: alone {solo_spin:.0f}, beside ({cores}+{cores} threads) "
+          f"{before:.0f} -> {solo_spin / before:.2f}x slower\n"
+          f"  after, sleeping waits and the thread budget: alone {solo:.0f}, beside "
+          f"({share}+{share} threads) {after:.0f} -> {solo / after:.2f}x slower (goal: within 2x)")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=Path)
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--resolution", type=int, default=64,
                     help="of the demo shards built when --shards is not given (the demo: 128)")
-    ap.add_argument("--contention-steps", type=int, default=4,
+    ap.add_argument("--contention-steps", type=int, default=3,
                     help="steps per run of the second-process comparison (the first is warm-up)")
+    ap.add_argument("--skip-split", action="store_true",
+                    help="only the second-process comparison (needs --shards or builds them)")
+    ap.add_argument("--child-threads", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child_threads:                      # one run of `contention`, in its own process
+        torch.set_num_threads(args.child_threads)
+        print(step_split(args.shards, args.preset, args.contention_steps, args.batch)["tokens_per_s"])
+        return
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or demo_shards(Path(tmp), args.resolution)
+        if args.skip_split:
+            contention(shards, args)
+            return
         s = step_split(shards, args.preset, args.steps, args.batch)
         total = s["wait"] + s["compute"]
         print(f"trainer ({args.preset}, batch {args.batch}, {args.steps - 1} steps): data wait "
