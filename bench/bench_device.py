@@ -116,7 +116,8 @@ def counted_flops(fn: Callable[[], Any]) -> int:
 def peaks(device: torch.device, args) -> dict[str, float | None]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     table = next((v for k, v in PEAK_TFLOPS.items() if k in name), {})
-    return {"bf16": args.peak_bf16 or table.get("bf16"), "fp32": args.peak_fp32 or table.get("fp32"),
+    return {"bf16": args.peak_bf16 or table.get("bf16"),
+            "fp32": args.peak_fp32 or table.get("fp32"),
             "tf32": table.get("tf32")}
 
 
@@ -135,7 +136,8 @@ def log(msg: str) -> None:
 def vq_section(device: torch.device, sizes: Sizes, peak: dict) -> dict[str, Any]:
     from stages import vq
     handle = vq.load_vq(None, random_arch=sizes.vq_arch, seed=0, device=device)
-    out: dict[str, Any] = {"arch": sizes.vq_arch, "tf32_convolutions": torch.backends.cudnn.allow_tf32}
+    out: dict[str, Any] = {"arch": sizes.vq_arch,
+                           "tf32_convolutions": torch.backends.cudnn.allow_tf32}
     gen = torch.Generator().manual_seed(0)
     for res, batch in sizes.vq_batches.items():
         x = (torch.rand(batch, 3, res, res, generator=gen) * 2 - 1).to(device)

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.child_threads:                      # one run of `contention`, in its own process
         torch.set_num_threads(args.child_threads)
-        print(step_split(args.shards, args.preset, args.contention_steps, args.batch)["tokens_per_s"])
+        split = step_split(args.shards, args.preset, args.contention_steps, args.batch)
+        print(split["tokens_per_s"])
         return
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or demo_shards(Path(tmp), args.resolution)

@@ -202,8 +202,9 @@ def report(cfg: RunConfig, handle, raw: Path, filt: Path, work: Path, args) -> N
     bf16 = max(bare_rate(handle, pixels, best_b, "bf16-mixed", args.min_time) for _ in range(2))
     best_s = max(bare_rate(handle, pixels, best_b, "fp32", args.min_time) for _ in range(2))
     rates[best_b] = max(rates[best_b], best_s)
-    print(f"bare encoder bf16-mixed at batch {best_b}: {bf16:.2f} images/s ({bf16 / rates[best_b]:.2f}x "
-          f"fp32), code agreement with fp32 {vq.agreement(handle, pixels[:best_b]):.1%} "
+    agree = vq.agreement(handle, pixels[:best_b])
+    print(f"bare encoder bf16-mixed at batch {best_b}: {bf16:.2f} images/s "
+          f"({bf16 / rates[best_b]:.2f}x fp32), code agreement with fp32 {agree:.1%} "
           "(changes codes: not the reference)")
     if cfg.image.batch_size is None:     # measured now, as on a first run (not a stale file)
         chosen, how = best_batch_size(handle, cfg.image.resolution, cfg.image.precision,

@@ -365,7 +365,8 @@ class ShardReader:
     def __init__(self, root: str | Path, *, batch_size: int, split: str = "train",
                  mix: float | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, prefetch: int = 2, kinds: tuple[str, ...] = KINDS,
-                 shuffle_shards: int = 2, pad_multiple: int = 8, threads: int | None = None) -> None:
+                 shuffle_shards: int = 2, pad_multiple: int = 8,
+                 threads: int | None = None) -> None:
         threads = reader_threads() if threads is None else threads
         _validate(batch_size, split, mix, rank, world_size, prefetch, kinds, shuffle_shards,
                   pad_multiple, threads)

@@ -436,7 +436,7 @@ def run(ctx: Context) -> Result:
 
 
 def with_batch_size(ctx: Context, cfg: RunConfig, handle) -> RunConfig:
-    """`image.batch_size` when set, else the fastest measured for this device (stages/vq_batch.py)."""
+    """`image.batch_size` when set, else the fastest measured here (stages/vq_batch.py)."""
     from stages.vq_batch import best_batch_size
     image = cfg.image
     if image.batch_size is not None:

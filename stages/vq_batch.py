@@ -112,7 +112,8 @@ def best_batch_size(handle, resolution: int, precision: str, *,
     rates = sweep(handle, resolution, precision)
     size = max(rates, key=rates.get)
     known = _read(path)                       # another process may have written meanwhile
-    known[key] = {"batch_size": size, "images_per_s": {str(b): round(r, 2) for b, r in rates.items()}}
+    known[key] = {"batch_size": size,
+                  "images_per_s": {str(b): round(r, 2) for b, r in rates.items()}}
     write_json(path, {"schema": SCHEMA, "entries": known})
     return size, "measured"
 

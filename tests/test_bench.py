@@ -1,5 +1,6 @@
 """The accelerator bench (`python -m bench --device cuda`) runs end to end on the CPU at toy sizes,
-so its code paths cannot rot while no GPU is at hand. Run as the user runs it, from the repo root."""
+so its code paths cannot rot while no GPU is at hand. Run as the user runs it, from the repo
+root."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def test_device_bench_smoke_prints_one_json():
 def test_full_vq_flop_count_matches_the_reference():
     """The bench's counted FLOPs for the full VQ-GAN at 256 px are the documented 138 GFLOP."""
     code = ("import torch; from bench import bench_device as b; from stages import vq; "
-            "h = vq.load_vq(None, random_arch='full', device='cpu'); x = torch.zeros(1, 3, 256, 256); "
+            "h = vq.load_vq(None, random_arch='full', device='cpu'); "
+            "x = torch.zeros(1, 3, 256, 256); "
             "print(b.counted_flops(lambda: vq.encode(h, x)) / 1e9 / b.REFERENCE_GFLOP[256])")
     assert abs(float(run_python("-c", code).split()[-1]) - 1) < 0.01

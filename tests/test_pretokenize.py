@@ -218,4 +218,5 @@ def test_measured_batch_size_is_remembered(cfg, world, tmp_path, monkeypatch):
     other = make_ctx(picked, world, "other")
     pretokenize.run(other)
     assert tree_bytes(ctx.out) == tree_bytes(other.out)
-    assert vq_batch.best_batch_size(small_handle(), 64, "fp32") == (entry["batch_size"], "remembered")
+    again = vq_batch.best_batch_size(small_handle(), 64, "fp32")
+    assert again == (entry["batch_size"], "remembered")
