@@ -18,7 +18,7 @@ SET    ?=
 SETS   := $(foreach s,$(SET),--set $(s))
 TORCH_VERSION := 2.13.0
 
-.PHONY: help setup demo demo-data shards plan verify inspect train act imagine eval test test-all test-reliability bench clean sim-experiment
+.PHONY: help setup demo demo-data shards plan verify inspect train act imagine eval test test-all test-reliability bench bench-gpu clean sim-experiment
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -107,6 +107,9 @@ test-reliability: setup ## kill -9 at random moments, cache damage, concurrent e
 
 bench: setup ## speed and size benchmarks (ratios against baselines measured in the same run)
 	$(PY) -m bench
+
+bench-gpu: setup ## accelerator figures as one JSON (VQ-GAN, training MFU, inference; < 8 min)
+	$(PY) -m bench --device cuda
 
 clean:
 	rm -rf out runs

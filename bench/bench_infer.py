@@ -30,17 +30,17 @@ from trainer.engine import Backend, Stepper, attention_rule
 D, STATE_DIM, RES, HISTORY = 7, 8, 256, 2
 
 
-def prompt(rng: np.random.Generator) -> np.ndarray:
-    """A VLA query of the shards' layout with random contents."""
-    side = RES // vocab.VQ_DOWNSAMPLE
+def prompt(rng: np.random.Generator, res: int = RES) -> np.ndarray:
+    """A VLA query of the shards' layout at `res` px with random contents."""
+    side = res // vocab.VQ_DOWNSAMPLE
     text = rng.integers(16005, 16260, 60)
     state = vocab.state_block(rng.integers(1, 257, STATE_DIM))
     images = []
     for _ in range(2 * HISTORY):
         codes = rng.integers(vocab.IMAGE_CODE_FIRST, vocab.IMAGE_CODE_LAST + 1, (side, side))
         rows = np.concatenate([codes, np.full((side, 1), vocab.IMAGE_ROW_END)], 1).reshape(-1)
-        images.append(np.concatenate([[vocab.IMAGE_START, vocab.grid_token(RES),
-                                       vocab.grid_token(RES)], rows, [vocab.IMAGE_END]]))
+        images.append(np.concatenate([[vocab.IMAGE_START, vocab.grid_token(res),
+                                       vocab.grid_token(res)], rows, [vocab.IMAGE_END]]))
     return np.concatenate([[vocab.BOS], text, state, *images, [vocab.SEP]]).astype(np.int64)
 
 

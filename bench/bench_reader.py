@@ -39,20 +39,21 @@ def image_block(rng: np.random.Generator, side_px: int = 256) -> np.ndarray:
     return np.concatenate([[vocab.IMAGE_START, grid, grid], rows.ravel(), [vocab.IMAGE_END]])
 
 
-def vla_sequence(rng: np.random.Generator) -> tuple[np.ndarray, list[list[int]]]:
+def vla_sequence(rng: np.random.Generator, side_px: int = 256) -> tuple[np.ndarray, list[list[int]]]:
     """BOS, text, state, 4 images, SEP | K action blocks, SEP: ~1.2k tokens, targets = response."""
     human = [[vocab.BOS], rng.integers(16100, 65536, 24), vocab.state_block(rng.integers(1, 257, 8))]
-    human += [image_block(rng) for _ in range(4)] + [[vocab.SEP]]
+    human += [image_block(rng, side_px) for _ in range(4)] + [[vocab.SEP]]
     response = [vocab.action_block(rng.integers(1, 257, D)) for _ in range(K)] + [[vocab.SEP]]
     head, tail = np.concatenate(human), np.concatenate(response)
     return np.concatenate([head, tail]).astype(np.uint16), [[len(head), len(head) + len(tail)]]
 
 
-def wm_sequence(rng: np.random.Generator) -> tuple[np.ndarray, list[list[int]]]:
+def wm_sequence(rng: np.random.Generator, side_px: int = 256) -> tuple[np.ndarray, list[list[int]]]:
     """BOS, prompt, 2 images, action, SEP | 2 images, SEP."""
-    human = [[vocab.BOS], rng.integers(16100, 65536, 24), image_block(rng), image_block(rng),
+    human = [[vocab.BOS], rng.integers(16100, 65536, 24), image_block(rng, side_px),
+             image_block(rng, side_px),
              vocab.action_block(rng.integers(1, 257, D)), [vocab.SEP]]
-    response = [image_block(rng), image_block(rng), [vocab.SEP]]
+    response = [image_block(rng, side_px), image_block(rng, side_px), [vocab.SEP]]
     head, tail = np.concatenate(human), np.concatenate(response)
     return np.concatenate([head, tail]).astype(np.uint16), [[len(head), len(head) + len(tail)]]
 

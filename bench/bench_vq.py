@@ -1,17 +1,22 @@
-"""Bench `vq`: pretokenize end to end vs the bare encoder vs the published batch-1 re-encode loop.
+"""Bench `vq`: the pretokenize stage vs the best bare encoder vs the published batch-1 loop.
 
-All three run in one process on the same frames: the demo suite (`sim.demo_data`) through the
-real `filter` stage when that module exists, else synthetic 128x128 episodes. The VQ-GAN is the
-small random arch unless `--arch full`.
+All run in one process on the same frames: the demo suite (`sim.demo_data`, 4 demos x 24
+steps) through the real `filter` stage when that module exists, else synthetic 128x128 episodes;
+the demo recipe's 128 px and small random VQ-GAN unless `--resolution` / `--arch full`.
 
-- end to end: the stage's encode pipeline (reader + resize in a loader thread, encoder, writer
-  thread writing codes files) on a fresh output directory; also the whole stage incl. model load;
-- bare encoder: the same batches, preprocessed beforehand, through `encode` only (the limit);
+- bare encoder (the limit): the frames preprocessed beforehand through `encode` only, swept over
+  batch sizes (`--sizes`, best of two interleaved rounds) in fp32, the stage's precision; the best
+  is the reference. bf16-mixed is timed at that batch and shown with its code agreement (it
+  changes codes, so it is not the reference);
+- the stage: its encode pipeline (reader in a loader thread, encoder, writer thread writing the
+  codes files) on a fresh output directory, at the batch size the stage picks itself
+  (stages/vq_batch.py, measured afresh into the bench's temporary directory, as on a first run)
+  unless `--batch-size`;
 - published style: every VLA sample (history M=2) and world-model sample (frame t -> t+1) encodes
   each (frame, view) it uses anew with batch size 1; timed on a prefix and extrapolated (only the
-  encodes are counted, not its per-sample image loading or pickle writing).
+  encodes and their preprocessing are counted, not its image loading or pickle writing).
 
-    python -m bench vq                      # or: python -m bench.bench_vq --arch full
+    python -m bench vq                      # or: python -m bench.bench_vq --arch full --sizes 1,4
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from pipeline.config import RunConfig, demo
 from pipeline.episode import VIEWS, Episode, EpisodeRef
 from pipeline.io import write_json, write_npz
 from pipeline.runner import Runner
+from pipeline.threads import limit_threads
 from shards import vq
 from stages import pretokenize
+from stages.vq_batch import best_batch_size
 
 SYNTH_HW = 128
 HISTORY = 2
@@ -92,33 +99,42 @@ def time_end_to_end(cfg: RunConfig, raw: Path, filt: Path, out: Path, handle) ->
     t0 = time.perf_counter()
     timing = pretokenize.encode_plan(handle, plan)
     seconds = time.perf_counter() - t0
-    print(f"  encoder busy {timing.encode_s:.1f} s, waited on I/O {timing.wait_s:.2f} s")
+    print(f"  stage: encoder busy {timing.encode_s:.1f} s, waited on I/O {timing.wait_s:.2f} s "
+          f"of {seconds:.1f} s")
     return seconds, timing.encodes
 
 
-def time_stage(cfg: RunConfig, raw: Path, filt: Path, work: Path) -> float:
-    out = work / "stage"
-    out.mkdir()
-    t0 = time.perf_counter()
-    pretokenize.run(pretokenize.STAGE.context(cfg, raw=raw, inputs={"filter": filt}, out=out, quiet=True))
-    return time.perf_counter() - t0
-
-
-def preloaded_batches(cfg: RunConfig, raw: Path, filt: Path) -> list[torch.Tensor]:
+def preloaded_pixels(cfg: RunConfig, raw: Path, filt: Path) -> torch.Tensor:
+    """Every (frame, view) of the stage's input, preprocessed: (N, 3, R, R) float32."""
     load = pretokenize.resolve_loader(pretokenize.LOADER)
-    out = []
-    for job in pretokenize.read_jobs(filt):
-        episode = load(raw, job.ref, cfg.source)
-        out += [b.pixels for b in pretokenize.episode_batches(episode, job, cfg.image.resolution,
-                                                              cfg.image.batch_size)]
-    return out
+    frames = [pretokenize.episode_frames(load(raw, job.ref, cfg.source), job)
+              for job in pretokenize.read_jobs(filt)]
+    return vq.preprocess(np.concatenate(frames), cfg.image.resolution)
 
 
-def time_bare(handle, batches: list[torch.Tensor], precision: str = "fp32") -> float:
-    t0 = time.perf_counter()
-    for batch in batches:
-        vq.encode(handle, batch, precision=precision)
-    return time.perf_counter() - t0
+def bare_rate(handle, pixels: torch.Tensor, batch: int, precision: str, min_s: float) -> float:
+    """Images/s of `encode` alone over consecutive batches of `pixels`, until `min_s` seconds
+    and at least one batch have passed (no warm-up: callers keep the best of several rounds)."""
+    done, start, t0 = 0, 0, time.perf_counter()
+    while done == 0 or time.perf_counter() - t0 < min_s:
+        chunk = pixels[start:start + batch]
+        if len(chunk) < batch:            # wrap around: always full batches
+            start, chunk = 0, pixels[:batch]
+        vq.encode(handle, chunk, precision=precision)
+        done, start = done + len(chunk), start + batch
+    return done / (time.perf_counter() - t0)
+
+
+def sweep_bare(handle, pixels: torch.Tensor, sizes: list[int], min_s: float,
+               rounds: int = 2) -> dict[int, float]:
+    """{batch: fp32 images/s}, best of interleaved rounds (the first warms up; the machine may be
+    shared), for every batch size that fits the frames."""
+    fits = [b for b in sizes if b <= len(pixels)]
+    rates = {b: 0.0 for b in fits}
+    for _ in range(rounds):
+        for b in fits:
+            rates[b] = max(rates[b], bare_rate(handle, pixels, b, "fp32", min_s))
+    return rates
 
 
 def published_encodes(cfg: RunConfig, raw: Path, filt: Path) -> list[tuple[np.ndarray, int]]:
@@ -150,23 +166,28 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--arch", choices=["small", "full"], default="small")
     p.add_argument("--source", choices=["auto", "demo", "synthetic"], default="auto",
                    help="auto: the demo suite when sim.demo_data exists, else synthetic")
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--episodes", type=int, default=3)
-    p.add_argument("--frames", type=int, default=12)
-    p.add_argument("--published-sample", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2, help="alternating timing rounds (best kept)")
+    p.add_argument("--resolution", type=int, default=None, help="default: the demo recipe's")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="the stage's batch; default: its own measured choice (stages/vq_batch.py)")
+    p.add_argument("--sizes", default="1,2,4,8,16", help="bare-encoder batch sizes to sweep")
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds per sweep point")
+    p.add_argument("--episodes", type=int, default=4)
+    p.add_argument("--frames", type=int, default=24)
+    p.add_argument("--published-sample", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2, help="timing rounds of the stage (best kept)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv or [])
     cfg = demo()
-    cfg = replace(cfg, image=replace(cfg.image, resolution=args.resolution, vq_random_arch=args.arch,
-                                     batch_size=args.batch_size))
+    image = replace(cfg.image, resolution=args.resolution or cfg.image.resolution,
+                    vq_random_arch=args.arch, batch_size=args.batch_size)
+    cfg = replace(cfg, image=image)
     handle = vq.load_vq(None, random_arch=args.arch, seed=0)
-    print(f"VQ-GAN: random '{args.arch}' arch on {handle.device}, {args.resolution} px, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} threads")
+    limit_threads()
+    print(f"VQ-GAN: random '{args.arch}' arch on {handle.device}, {image.resolution} px, "
+          f"{torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         raw, filt = prepare(cfg, work, args)
@@ -174,28 +195,35 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(cfg: RunConfig, handle, raw: Path, filt: Path, work: Path, args) -> None:
-    batches = preloaded_batches(cfg, raw, filt)
-    vq.encode(handle, batches[0])  # warm-up
-    runs = []
-    for i in range(args.repeats):  # alternate, keep the best of each: the machine is shared
-        runs.append((time_end_to_end(cfg, raw, filt, work / f"e2e-{i}", handle),
-                     time_bare(handle, batches)))
-    e2e_s, images = min(r[0] for r in runs)
-    bare_s = min(r[1] for r in runs)
-    stage_s = time_stage(cfg, raw, filt, work)
-    e2e, bare = images / e2e_s, images / bare_s
-    print(f"pretokenize end-to-end: {e2e:.2f} img/s; bare encoder: {bare:.2f} img/s; "
-          f"ratio {e2e / bare:.2f} (goal >= 0.9)")
-    print(f"whole stage incl. VQ load and store.json: {images / stage_s:.2f} img/s ({stage_s:.1f} s)")
+    pixels = preloaded_pixels(cfg, raw, filt)
+    rates = sweep_bare(handle, pixels, [int(b) for b in args.sizes.split(",")], args.min_time)
+    print("bare encoder fp32: " + "  ".join(f"b{b} {r:.2f}" for b, r in rates.items())
+          + " images/s")
+    best_b = max(rates, key=rates.get)
+    bf16 = max(bare_rate(handle, pixels, best_b, "bf16-mixed", args.min_time) for _ in range(2))
+    best_s = max(bare_rate(handle, pixels, best_b, "fp32", args.min_time) for _ in range(2))
+    rates[best_b] = max(rates[best_b], best_s)
+    agree = vq.agreement(handle, pixels[:best_b])
+    print(f"bare encoder bf16-mixed at batch {best_b}: {bf16:.2f} images/s "
+          f"({bf16 / rates[best_b]:.2f}x fp32), code agreement with fp32 {agree:.1%} "
+          "(changes codes: not the reference)")
+    if cfg.image.batch_size is None:     # measured now, as on a first run (not a stale file)
+        chosen, how = best_batch_size(handle, cfg.image.resolution, cfg.image.precision,
+                                      path=work / "vq_batch.json")
+        cfg = replace(cfg, image=replace(cfg.image, batch_size=chosen))
+    else:
+        chosen, how = cfg.image.batch_size, "--batch-size"
+    runs = [time_end_to_end(cfg, raw, filt, work / f"e2e-{i}", handle) for i in range(args.repeats)]
+    e2e_s, images = min(runs)
+    e2e, best = images / e2e_s, rates[best_b]
+    print(f"pretokenize stage (batch {chosen}, {how}): {e2e:.2f} images/s; best bare fp32 "
+          f"encoder (batch {best_b}): {best:.2f} images/s; ratio {e2e / best:.2f} (goal >= 0.9)")
     items = published_encodes(cfg, raw, filt)
-    pub_s = time_published(handle, items, cfg.image.resolution, args.published_sample)
-    print(f"published-style batch-1 per-sample re-encode: {len(items) / pub_s:.2f} img/s "
-          f"(encodes {len(items)}); encodes per unique frame {len(items) / images:.1f}; "
-          f"speedup {pub_s / e2e_s:.1f} x")
-    bf16_s = time_bare(handle, batches, precision="bf16-mixed")
-    share = np.mean([vq.agreement(handle, b) for b in batches[:2]])
-    print(f"bf16-mixed bare encoder: {images / bf16_s:.2f} img/s ({bare_s / bf16_s:.2f} x fp32); "
-          f"code agreement with fp32 {share:.1%}")
+    pub_s = min(time_published(handle, items, cfg.image.resolution, args.published_sample)
+                for _ in range(2))                     # best of two rounds, as the others
+    print(f"published-style batch-1 per-sample re-encode: {len(items) / pub_s:.2f} images/s, "
+          f"{len(items) / images:.1f} encodes per unique (frame, view); stage speedup per unique "
+          f"frame {pub_s / e2e_s:.1f}x (goal >= 4x)")
 
 
 if __name__ == "__main__":

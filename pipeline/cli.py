@@ -26,6 +26,7 @@ from rich.markup import escape
 from pipeline.config import ConfigError
 from pipeline.errors import RynnError
 from pipeline.progress import console
+from pipeline.threads import passive_openmp
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Robot demonstrations -> pretokenized shards -> a unified VLA + world model.")
@@ -481,6 +482,7 @@ def _headline(report: dict) -> dict:
 
 
 def main() -> None:
+    passive_openmp()        # before torch loads: idle OpenMP threads sleep (pipeline/threads.py)
     try:
         app()
     except KeyboardInterrupt:

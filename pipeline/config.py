@@ -108,7 +108,9 @@ class ImageConfig:
     # Architecture of the random-init VQ-GAN when vq_path is None: "full" or "small" (CPU demo).
     vq_random_arch: Literal["full", "small"] = "full"
     vq_seed: int = 0
-    batch_size: int = 8
+    # Encoder batch size; None: measured once per device, resolution and architecture and
+    # remembered under $RYNN_HOME (stages/vq_batch.py). Never changes the codes.
+    batch_size: int | None = None
     precision: Literal["fp32", "bf16-mixed"] = "fp32"
     device: str = "auto"
     workers: int = 1
@@ -119,7 +121,8 @@ class ImageConfig:
     def __post_init__(self) -> None:
         _check(self.resolution % 32 == 0 and self.resolution > 0, "image.resolution",
                "must be a positive multiple of 32 (256 or 512 in the paper)")
-        _check(self.batch_size >= 1, "image.batch_size", "must be >= 1")
+        _check(self.batch_size is None or self.batch_size >= 1, "image.batch_size",
+               "must be >= 1, or none to measure the fastest")
         _check(self.workers >= 1, "image.workers", "must be >= 1")
         _check(DEVICE.fullmatch(self.device) is not None, "image.device",
                f"got {self.device!r}; use auto, cpu, cuda or cuda:N")
@@ -227,7 +230,7 @@ def demo() -> RunConfig:
     """The embedded demo suite, sized for a CPU: 128 px images (4x4 grid units, 76 tokens per
     image instead of 276) and a reduced-width random VQ-GAN. Real suites use 256 px."""
     cfg = _libero("demo", chunk=5)
-    image = replace(cfg.image, resolution=128, vq_random_arch="small", batch_size=16)
+    image = replace(cfg.image, resolution=128, vq_random_arch="small")
     return replace(cfg, suite="", image=image)
 
 

@@ -58,6 +58,7 @@ import torch
 
 from pipeline.errors import DataError
 from pipeline.io import read_json, sha256_bytes
+from pipeline.threads import local_processes, threads_per_process
 from shards import vocab
 from shards.remote import RemoteShardSet, is_url
 
@@ -385,7 +386,9 @@ class ShardReader:
     def __init__(self, root: str | Path, *, batch_size: int, split: str = "train",
                  mix: float | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, prefetch: int = 2, kinds: tuple[str, ...] = KINDS,
-                 shuffle_shards: int = 2, pad_multiple: int = 8, threads: int = 2) -> None:
+                 shuffle_shards: int = 2, pad_multiple: int = 8,
+                 threads: int | None = None) -> None:
+        threads = reader_threads() if threads is None else threads
         _validate(batch_size, split, mix, rank, world_size, prefetch, kinds, shuffle_shards,
                   pad_multiple, threads)
         self.remote = RemoteShardSet(str(root)) if is_url(root) else None   # shards/remote.py
@@ -534,6 +537,11 @@ class ShardReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def reader_threads() -> int:
+    """Default shard-loading threads: 2 (a block's shards), within this process's thread budget."""
+    return min(2, threads_per_process(local_processes()))
 
 
 def _background(source: Iterator[Any], depth: int) -> Iterator[Any]:

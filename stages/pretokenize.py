@@ -44,6 +44,7 @@ from pipeline.episode import VIEWS, Episode, EpisodeRef
 from pipeline.errors import DataError
 from pipeline.io import load_npz, npy_bytes, read_json, write_bytes, write_json
 from pipeline.runner import Context, Result, Stage, raw_fingerprint
+from pipeline.threads import limit_threads, local_processes, threads_per_process
 
 SCHEMA = 1
 STORE = "store.json"
@@ -356,7 +357,7 @@ def _init_worker(progress_queue, threads: int) -> None:
     import torch
     global _PROGRESS
     _PROGRESS = progress_queue
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # its share of the thread budget (pipeline/threads.py)
 
 
 def _worker(plan: Plan, device: str) -> Timing:
@@ -387,7 +388,7 @@ def encode_parallel(plan: Plan, workers: int, bar) -> Timing:
     ctx = mp.get_context("spawn")
     progress = ctx.Queue()
     parts = split(plan.jobs, workers)
-    threads = max(1, (os.cpu_count() or 1) // len(parts))
+    threads = threads_per_process(local_processes() * len(parts))
     devices = worker_devices(plan.cfg.image.device, len(parts))
     total = Timing()
     with ProcessPoolExecutor(len(parts), mp_context=ctx, initializer=_init_worker,
@@ -465,6 +466,9 @@ def run(ctx: Context) -> Result:
     share = "" if group.world == 1 else f" (rank 0 of {group.world}; each rank its share)"
     ctx.log(f"pretokenize: {len(jobs)} episodes, {len(mine) - len(todo)} already encoded "
             f"(resumed), {sum(j.images for j in todo)} images to encode on {handle.device}{share}")
+    # This process runs (or measures for) one of the workers: its share of the threads.
+    limit_threads(local_processes() * max(1, min(image.workers, len(todo))))
+    cfg = with_batch_size(ctx, cfg, handle) if todo else cfg
     timing = _encode_all(ctx, handle, Plan(cfg, ctx.raw, ctx.out, todo, LOADER))
     encodes, encode_s, wait_s, resumed = group.all_sum(
         [timing.encodes, timing.encode_s, timing.wait_s, len(mine) - len(todo)])
@@ -487,6 +491,18 @@ def run(ctx: Context) -> Result:
              "encoder": {"encode_s": round(timing.encode_s, 3), "wait_s": round(timing.wait_s, 3)},
              "ranks": group.world}
     return Result(counts=counts, extra=extra)
+
+
+def with_batch_size(ctx: Context, cfg: ConfigView, handle) -> ConfigView:
+    """`image.batch_size` when set, else the fastest measured here (stages/vq_batch.py)."""
+    from stages.vq_batch import best_batch_size
+    image = cfg.image
+    if image.batch_size is not None:
+        size, how = image.batch_size, "image.batch_size"
+    else:
+        size, how = best_batch_size(handle, image.resolution, image.precision)
+    ctx.log(f"pretokenize: encoder batch size {size} ({how})")
+    return cfg.replace(image=image.replace(batch_size=size))
 
 
 def rank_device(device: str, world: int) -> str:

@@ -19,6 +19,15 @@ from sim.demo_data import write_demo_suite
 SUITE = {"size": 128, "tasks": 2, "demos": 3, "seed": 0}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_rynn_home(tmp_path_factory):
+    """Measured batch sizes (stages/vq_batch.py) go to a per-session directory, not $HOME."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RYNN_HOME", raising=False)
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def demo_suite(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo_suite") / "raw"

@@ -192,3 +192,32 @@ def test_decode_store_episode(cfg, world):
     other = vq.load_vq(None, random_arch="small", seed=5, device="cpu")
     with pytest.raises(DataError, match="encoded with VQ weights"):
         pretokenize.decode_store_episode(ctx.out, "task_demo__demo_2", None, other)
+
+
+@pytest.mark.parametrize("sizes", [(1, 7), (3, 16)])
+def test_batch_size_never_changes_the_bytes(cfg, world, sizes):
+    outs = []
+    for size in sizes:
+        ctx = make_ctx(replace(cfg, image=replace(cfg.image, batch_size=size)), world, f"b{size}")
+        pretokenize.run(ctx)
+        outs.append(tree_bytes(ctx.out))
+    assert outs[0] == outs[1] and len(outs[0]) == 4        # store.json + 3 codes files
+
+
+def test_measured_batch_size_is_remembered(cfg, world, tmp_path, monkeypatch):
+    from stages import vq_batch
+    monkeypatch.setenv("RYNN_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(vq_batch, "CANDIDATES", {"cpu": (1, 2, 4)})
+    auto = replace(cfg, image=replace(cfg.image, batch_size=None))
+    ctx = make_ctx(auto, world, "auto")
+    pretokenize.run(ctx)
+    tuning = read_json(tmp_path / "home" / vq_batch.TUNING_FILE)["entries"]
+    (key, entry), = tuning.items()
+    assert "64px" in key and entry["batch_size"] in (1, 2, 4)
+    assert set(entry["images_per_s"]) <= {"1", "2", "4"} and entry["images_per_s"]["1"] > 0
+    picked = replace(cfg, image=replace(cfg.image, batch_size=entry["batch_size"] % 4 + 1))
+    other = make_ctx(picked, world, "other")
+    pretokenize.run(other)
+    assert tree_bytes(ctx.out) == tree_bytes(other.out)
+    again = vq_batch.best_batch_size(small_handle(), 64, "fp32")
+    assert again == (entry["batch_size"], "remembered")

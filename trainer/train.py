@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from pipeline.errors import RynnError
 from pipeline.io import read_json, sha256_file, write_bytes, write_json
 from pipeline.progress import Progress, console
+from pipeline.threads import limit_threads, local_processes
 from shards.reader import ShardReader
 from shards.remote import RemoteShardSet, is_url
 from trainer import checkpoint as ckpt
@@ -290,6 +291,7 @@ def train(cfg: TrainConfig, shards: Path | str, out: Path, *, resume: bool = Fal
     `cfg` carries the preset and step count (`resolve_train_config(preset, sets, steps=)`).
     `stop_after` ends the process's work early at that step (tests: a run stopped mid-way)."""
     rank, world, device = setup_distributed()
+    limit_threads(local_processes())                # this rank's share of the cores
     out = Path(out)
     shards = str(shards) if is_url(shards) else Path(shards)   # a URL: shards/remote.py
     manifest = manifest_path(shards)
