@@ -530,7 +530,9 @@ class ShardReader:
                 "samples": {k: self.streams[k].total for k in self.kinds}}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel queued shard reads and wait for the ones running (at most one shard each), so
+        no thread of a closed reader still holds a shard of the cache."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "ShardReader":
         return self
