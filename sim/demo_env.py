@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from sim import demo_data as dd
-from sim.env import EnvError, Observation, Step, register
+from sim.env import EnvError, Observation, Step, checked_action, register
 
 DEFAULT_MAX_STEPS = 100       # the suite's demos take 40-60 steps; the expert about 30
 TOL = 1e-3                    # metres: "arrived" for the expert's targets
@@ -71,13 +71,7 @@ class DemoEnv:
 
     def step(self, action: np.ndarray) -> Step:
         body = self._running()
-        if self.steps >= self.max_steps:
-            raise EnvError(f"demo env: the episode reached its limit of {self.max_steps} steps;"
-                           " call reset")
-        action = np.asarray(action, dtype=np.float64).reshape(-1)
-        if action.shape != (self.action_dim,) or not np.isfinite(action).all():
-            raise EnvError(f"demo env: expected a finite ({self.action_dim},) action, got "
-                           f"{np.asarray(action).shape} {action[:7].tolist()}")
+        action = checked_action("demo env", self.steps, self.max_steps, action, self.action_dim)
         dd.physics_step(body, np.clip(action, -1.0, 1.0), self.layout)
         self.steps += 1
         success = dd.block_on_plate(body.block, self.layout)

@@ -81,6 +81,18 @@ class Env(Protocol):
         ...
 
 
+def checked_action(name: str, steps: int, max_steps: int, action, action_dim: int) -> np.ndarray:
+    """The (D,) float64 action of one step of env `name`, or EnvError: the episode is over, or the
+    action has the wrong shape or a non-finite value."""
+    if steps >= max_steps:
+        raise EnvError(f"{name}: the episode ended at its step limit {max_steps}; call reset(seed)")
+    action = np.asarray(action, dtype=np.float64)
+    if action.shape != (action_dim,) or not np.isfinite(action).all():
+        raise EnvError(f"{name}: expected a finite ({action_dim},) action, got shape "
+                       f"{action.shape}")
+    return action
+
+
 EnvFactory = Callable[..., Env]
 _REGISTRY: dict[str, EnvFactory] = {}
 

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sim.demo_data import quat_to_rotvec
-from sim.env import EnvError, Observation, Step, register
+from sim.env import EnvError, Observation, Step, checked_action, register
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -157,13 +157,7 @@ class LiberoEnv:
     def step(self, action: np.ndarray) -> Step:
         if self._t is None:
             raise EnvError(f"{self.name}: call reset(seed) before step()")
-        if self._t >= self.max_steps:
-            raise EnvError(f"{self.name}: the episode ended at its step limit {self.max_steps}; "
-                           "call reset(seed)")
-        action = np.asarray(action, dtype=np.float64)
-        if action.shape != (self.action_dim,) or not np.isfinite(action).all():
-            raise EnvError(f"{self.name}: expected a finite ({self.action_dim},) action, got "
-                           f"shape {action.shape}")
+        action = checked_action(self.name, self._t, self.max_steps, action, self.action_dim)
         obs, _, done, _ = self._env.step(action)
         self._t += 1
         success = bool(done)

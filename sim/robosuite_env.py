@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from sim.demo_data import quat_to_rotvec
-from sim.env import EnvError, Observation, Step, register
+from sim.env import EnvError, Observation, Step, checked_action, register
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -170,13 +170,7 @@ class RobosuiteEnv:
     def step(self, action: np.ndarray) -> Step:
         if self._obs is None:
             raise EnvError(f"{self.name}: call reset(seed) before step()")
-        if self._t >= self.max_steps:
-            raise EnvError(f"{self.name}: the episode ended at its step limit {self.max_steps}; "
-                           "call reset(seed)")
-        action = np.asarray(action, dtype=np.float64)
-        if action.shape != (self.action_dim,) or not np.isfinite(action).all():
-            raise EnvError(f"{self.name}: expected a finite ({self.action_dim},) action, got "
-                           f"shape {action.shape}")
+        action = checked_action(self.name, self._t, self.max_steps, action, self.action_dim)
         self._make_current()
         self._obs, _, _, _ = self._env.step(np.clip(action, -1.0, 1.0))
         self._t += 1

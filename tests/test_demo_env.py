@@ -83,7 +83,7 @@ def test_episode_limits_and_bad_input():
         env.step(np.array([np.nan] * 7))
     assert not env.step(np.zeros(7)).done
     assert env.step(np.zeros(7)).done
-    with pytest.raises(EnvError, match="limit of 2 steps"):
+    with pytest.raises(EnvError, match="step limit 2"):
         env.step(np.zeros(7))
     with pytest.raises(EnvError, match="unknown environment"):
         make_env("nosuch:Thing")
