@@ -8,6 +8,7 @@ rotation exactly once, when `source.rotate_180` is set).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,9 +28,22 @@ class EpisodeRef:
 
     @property
     def episode_id(self) -> str:
-        """Unique, stable, file-name-safe id: "<source without suffix>/<key>" with '/' -> '__'."""
+        """Stable, file-name-safe id: the parts of "<source without suffix>/<key>" joined by '__'.
+
+        Unique by construction (`id_part` escapes what could fake a separator), and the same as
+        the plain join for ordinary names: `libero_10/task_demo.hdf5`, `demo_3` ->
+        `libero_10__task_demo__demo_3`."""
         stem = self.source.rsplit(".", 1)[0] if "." in self.source.rsplit("/", 1)[-1] else self.source
-        return f"{stem}/{self.key}".replace("/", "__")
+        return "__".join(id_part(p) for p in f"{stem}/{self.key}".split("/"))
+
+
+def id_part(name: str) -> str:
+    """One path part of an episode id, escaped so that '__' in the joined id only separates parts:
+    '%' -> '%25', then every '_' of a run of two or more, and a leading or trailing '_', -> '%5F'.
+    `x/y_demo` gives `x__y_demo`, `x__y_demo` gives `x%5F%5Fy_demo`: never the same id."""
+    name = name.replace("%", "%25")
+    name = re.sub(r"_{2,}", lambda m: "%5F" * len(m.group()), name)
+    return re.sub(r"^_|_$", "%5F", name)
 
 
 @dataclass
