@@ -48,6 +48,12 @@ class SourceConfig:
     # LeRobot: a row's timestamp must be frame_index / fps within this many seconds (as LeRobot's
     # own `tolerance_s`); a row further off is an error, never matched to a neighbouring frame.
     lerobot_tolerance_s: float = 1e-4
+    # Frames that are not square (SO100 cameras: 640 x 480). "refuse": one error naming the file
+    # (the default: nothing is stretched silently). "stretch": resized to the square resolution,
+    # aspect not kept, as the published VLA processor does (its first step is a 256 x 256 resize);
+    # the manifest and the checkpoint card then record images.fit = "stretch" and `act` applies
+    # the same resize. compat=published fits any shape its own way (shards/fit.py).
+    non_square: Literal["refuse", "stretch"] = "refuse"
 
     def __post_init__(self) -> None:
         _check(self.front_camera != self.wrist_camera, "source.front_camera",
@@ -247,7 +253,8 @@ def so100() -> RunConfig:
     conv = replace(cfg.conv, history=1, chunk=20, relative_action_dims=(0, 1, 2, 3, 4),
                    drop_static_chunks=True)
     # LeRobot videos are stored upright: no 180-degree rotation (a LIBERO convention).
-    source = replace(cfg.source, format="lerobot", rotate_180=False)
+    # SO100 cameras are 640 x 480: stretched to square, as the published VLA processor does.
+    source = replace(cfg.source, format="lerobot", rotate_180=False, non_square="stretch")
     return replace(cfg, recipe="so100", source=source, conv=conv)
 
 

@@ -6,10 +6,11 @@ only the norm test applies. SPEC.md 1.1: raw-release LIBERO files record obs[t] 
 so action t pairs with obs row t-1 and action 0 (no prior observation) is dropped; regenerated and
 LeRobot data pair action t with obs row t.
 
-Image sizes (LIBERO): without a fitting rule the project makes square images of square frames
-only, so a non-square frame (e.g. 128 x 96) or one under MIN_SIDE px is refused with one error
-naming file, episode and key, never silently stretched; compat=published fits any frame as the
-published processors do (shards.fit). With compat=published LeRobot data gets no no-op filter
+Image sizes: without a fitting rule the project makes square images of square frames only, so a
+non-square frame (e.g. 128 x 96) is refused with one error naming file, episode and key, never
+silently stretched, unless the recipe says how to fit it: `source.non_square=stretch` (the `so100`
+recipe: the published VLA processor's square resize) or compat=published (the published fitting,
+shards.fit). A LIBERO frame under MIN_SIDE px is refused. With compat=published LeRobot data gets no no-op filter
 (SPEC.md 1.2).
 
 Output (docs/ARCHITECTURE.md): `episodes.json` and one deterministic `ep/<episode_id>.npz` per
@@ -168,17 +169,19 @@ def check_drop_fraction(counts: dict[str, Any], cfg: FilterConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def check_image_size(ep: Episode, cfg: RunConfig, fmt: str) -> None:
-    """Refuse degenerate LIBERO frames, and non-square ones unless compat=published fits them."""
-    if fmt != "libero":
-        return
+    """Refuse degenerate LIBERO frames, and non-square ones unless the recipe fits them
+    (source.non_square=stretch, or compat=published)."""
     h, w = ep.image_size
-    where = {"file": ep.ref.source, "episode": ep.ref.key, "key": f"obs/{cfg.source.front_camera}"}
-    if min(h, w) < MIN_SIDE:
+    camera = cfg.source.front_camera if fmt == "libero" else cfg.source.lerobot_front_key
+    where = {"file": ep.ref.source, "episode": ep.ref.key,
+             "key": f"obs/{camera}" if fmt == "libero" else camera}
+    if fmt == "libero" and min(h, w) < MIN_SIDE:
         raise DataError(f"{h} x {w} images are degenerate (a side under {MIN_SIDE} px)", **where)
-    if h != w and cfg.compat != "published":
-        raise DataError(f"{h} x {w} images are not square; the default preprocessing would have "
-                        "to stretch them: crop them square first, or use the published fitting "
-                        "(--set compat=published)", **where)
+    if h != w and cfg.compat != "published" and cfg.source.non_square == "refuse":
+        raise DataError(f"{h} x {w} images are not square and the recipe has no fitting rule: "
+                        "crop them square first, stretch them to square as the published VLA "
+                        "processor does (--set source.non_square=stretch), or use the published "
+                        "fitting (--set compat=published)", **where)
 
 
 def process(root: Path, ref: EpisodeRef, ctx: Context, fmt: str = "unknown") -> dict[str, Any]:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -374,6 +375,37 @@ def _lerobot(tmp_path: Path, version: str) -> Path:
 def _lerobot_tokenize(raw: Path, out: Path):
     return cli("tokenize", "--raw", str(raw), "--recipe", "so100", "--out", str(out),
                "--until", "filter", sets=("source.rotate_180=false",))
+
+
+def test_lerobot_non_square_frames_are_refused_without_a_fitting_rule(tmp_path):
+    from lerobot_fixtures import write_lerobot_dataset
+    raw = write_lerobot_dataset(tmp_path / "raw", episodes=1, frames=12, size=(48, 64))
+    result = cli("tokenize", "--raw", str(raw), "--recipe", "base", "--out", str(tmp_path / "o"),
+                 "--until", "filter", sets=("source.format=lerobot", "source.rotate_180=false"))
+    assert result.exit_code == 1
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "48 x 64 images are not square" in line
+    assert "episode_000000" in line and "observation.images.front" in line
+    assert "source.non_square=stretch" in line and "Traceback" not in result.output
+
+
+def test_so100_stretches_non_square_frames_and_says_so_to_act(tmp_path):
+    from lerobot_fixtures import write_lerobot_dataset
+    raw = write_lerobot_dataset(tmp_path / "raw", episodes=2, frames=30, size=(48, 64))
+    out = tmp_path / "o"
+    result = cli("tokenize", "--raw", str(raw), "--recipe", "so100", "--out", str(out),
+                 sets=(*SMALL, "image.resolution=64", "conv.chunk=4", "source.rotate_180=false"))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["images"]["fit"] == "stretch"
+    run = tmp_path / "run"
+    trained = cli("train", "--shards", str(out / "shards"), "--out", str(run), "--preset", "test",
+                  "--steps", "1", "--set", "batch_size=2", "--set", "eval_every=100")
+    assert trained.exit_code == 0, trained.output
+    from trainer.policy import Policy
+    policy = Policy.from_checkpoint(run / "latest")
+    frame = np.zeros((48, 64, 3), np.uint8)
+    assert policy.act("pick", np.zeros(6), frame, frame).shape == (4, 6)
 
 
 def _rewrite(path: Path, edit) -> None:

@@ -64,6 +64,12 @@ class Card:
         return self.raw.get("fit") == "published"
 
     @property
+    def square_only(self) -> bool:
+        """Trained on square frames only: a non-square frame at inference is an error (the
+        "stretch" and "published" fittings take any shape, as in training)."""
+        return self.raw.get("fit", "square") == "square"
+
+    @property
     def relative_dims(self) -> tuple[int, ...]:
         return tuple(self.stats.relative_action_dims)
 

@@ -61,7 +61,8 @@ def orient(image: np.ndarray, orientation: str) -> np.ndarray:
 
 
 def check_image(image: Any, name: str, square: bool = True) -> np.ndarray:
-    """An RGB uint8 frame; square unless the card's fitting is the published one (any shape)."""
+    """An RGB uint8 frame; square unless the card's fitting takes any shape ("stretch",
+    "published")."""
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
         raise PolicyError(f"{name}: expected an RGB uint8 (H, W, 3) image, got {arr.dtype} "
@@ -83,7 +84,7 @@ def frame_list(card: Card, front, wrist, prev_front=None, prev_wrist=None) -> li
     names = ["prev_front", "prev_wrist", "front", "wrist"]
     images = ([] if prev_front is None else prev) + [front, wrist]
     names = names[4 - len(images):]
-    return [check_image(img, n, not card.published_fit) for img, n in zip(images, names)]
+    return [check_image(img, n, card.square_only) for img, n in zip(images, names)]
 
 
 def check_state(card: Card, state: Any) -> np.ndarray:
