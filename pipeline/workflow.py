@@ -2,23 +2,19 @@
 
     from pipeline.workflow import resolve_config, tokenize
     stage_dirs = tokenize(resolve_config("demo"), raw=Path("demos"), out=Path("out/demo"))
-    # the shard set is exported to out/demo/shards
+    # the shard set is exported to out/demo/shards (a link to its current version; pipeline/publish.py)
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from pipeline.cache import MANIFEST, output_problem
 from pipeline.config import RunConfig, apply_overrides, recipe
 from pipeline.errors import RynnError
 from pipeline.group import Group
-from pipeline.io import fsync_dir
-from pipeline.runner import Runner, StageStatus, key_lock
+from pipeline.publish import export
+from pipeline.runner import Runner, StageStatus
 
 
 def resolve_config(recipe_name: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -71,53 +67,3 @@ def tokenize(cfg: RunConfig, raw: Path, out: Path, cache: Path | None = None,
         export(done["shards"], out / "shards")
     group.barrier()
     return done
-
-
-def export(src: Path, dst: Path) -> None:
-    """Publish a cached output directory at `dst` as copies (reflinks where the file system has
-    them): never hard links, so damage to the export cannot reach the cache.
-
-    Built beside `dst` under a unique temporary name, then swapped in, so `dst` is always complete;
-    exporters to the same `dst` take turns (a lock beside it), and each removes the debris of
-    killed ones before it starts. An export already equal to `src` (same stage.json, every file
-    matching it: pipeline/cache.py) is left as it is."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with key_lock(dst.parent / f".{dst.name}.lock"):
-        if _same_export(src, dst):
-            return
-        for debris in dst.parent.glob(f".{dst.name}.tmp-*"):
-            shutil.rmtree(debris, ignore_errors=True)
-        for debris in dst.parent.glob(f".{dst.name}.old-*"):
-            shutil.rmtree(debris, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-        try:
-            shutil.copytree(src, tmp, copy_function=copy_file, dirs_exist_ok=True)
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            if dst.exists():
-                os.replace(dst, old)
-            os.replace(tmp, dst)
-            fsync_dir(dst.parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _same_export(src: Path, dst: Path) -> bool:
-    record = dst / MANIFEST
-    return (record.is_file() and record.read_bytes() == (src / MANIFEST).read_bytes()
-            and output_problem(dst) is None)
-
-
-FICLONE = 0x40049409   # Linux ioctl: share extents copy-on-write (btrfs, xfs, ...)
-
-
-def copy_file(src: str, dst: str) -> None:
-    """A copy of `src` at `dst`: a reflink where the file system supports one, else bytes."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        try:
-            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
-        except OSError:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
-    shutil.copystat(src, dst)

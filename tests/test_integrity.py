@@ -197,10 +197,18 @@ def concurrent_exports(built: Path, tmp_path: Path, procs: int, n: int) -> None:
         w.join()
     assert errors.empty(), errors.get()
     assert files(dst) == files(src)
-    assert sorted(p.name for p in dst.parent.iterdir()) == EXPORTED
+    assert exported(dst) == EXPORTED
 
 
-EXPORTED = [".hashed-shards.json", ".shards.lock", "shards"]   # hash record, lock, the export
+# hash record, exporters' lock, the one version, its readers' lock, the link to it
+EXPORTED = [".hashed-shards.json", ".shards.lock", ".shards.v-*", ".shards.v-*.lock", "shards"]
+
+
+def exported(dst: Path) -> list[str]:
+    """The names beside an export, its version's tag replaced by `*`; `dst` links to it."""
+    version = os.readlink(dst)
+    assert (dst.parent / version).is_dir() and version.startswith(".shards.v-")
+    return sorted(p.name.replace(version, ".shards.v-*") for p in dst.parent.iterdir())
 
 
 def test_concurrent_exports_never_fail_or_leave_debris(built, tmp_path):
@@ -211,10 +219,12 @@ def test_export_removes_debris_of_a_killed_exporter(built, tmp_path):
     dst = tmp_path / "x" / "shards"
     (dst.parent / ".shards.tmp-dead").mkdir(parents=True)
     (dst.parent / ".shards.old-123").mkdir()
+    (dst.parent / ".shards.v-dead").mkdir()            # a version a killed exporter never linked
     export(entry(built, "shards"), dst)
-    assert sorted(p.name for p in dst.parent.iterdir()) == [".shards.lock", "shards"]
+    assert exported(dst) == [n for n in EXPORTED if n != ".hashed-shards.json"]
+    version = os.readlink(dst)
     export(entry(built, "shards"), dst)                # unchanged: checked, not copied again
-    assert sorted(p.name for p in dst.parent.iterdir()) == EXPORTED
+    assert exported(dst) == EXPORTED and os.readlink(dst) == version
 
 
 def test_reader_refuses_a_set_reexported_while_it_reads(suite, built, tmp_path):

@@ -8,6 +8,7 @@ once and cleans up after a killed save.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -221,6 +222,38 @@ def test_training_while_the_set_is_reexported_is_one_line(tiny_shards, tmp_path,
 
     monkeypatch.setattr(loop, "train_step", step_then_reexport)
     assert "re-exported" in one_error_line(train_cli(shards, tmp_path / "run", 4))
+
+
+def test_training_reads_the_version_it_started_on_while_the_set_is_reexported(
+        tiny_shards, tmp_path, monkeypatch):
+    import trainer.train as loop
+    from pipeline.publish import export
+    from pipeline.workflow import resolve_config, tokenize
+    from trainer.card import read_card
+    other = tmp_path / "other"
+    tokenize(resolve_config("demo", ["image.resolution=32", "image.vq_random_arch=small",
+                                     "conv.chunk=4"]),
+             tiny_shards.parent.parent / "raw", other, quiet=True)
+    dst = tmp_path / "out" / "shards"
+    export(tiny_shards, dst)                              # chunk 3
+    first = dst.parent / os.readlink(dst)
+    real, kept = loop.train_step, []
+
+    def step_then_reexport(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not kept:
+            export(other / "shards", dst)                 # another chunk, mid-run
+            kept.append(first.is_dir())                   # held by the run: not removed
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_then_reexport)
+    result = train_cli(dst, tmp_path / "run", 4)
+    assert result.exit_code == 0, result.output
+    assert kept == [True] and dst.parent / os.readlink(dst) != first
+    assert read_card(tmp_path / "run" / "latest").chunk == 3    # trained on what it started on
+    assert json.loads((dst / "manifest.json").read_text())["conv"]["chunk"] == 4
+    export(other / "shards", dst)                         # the next export removes the old one
+    assert not first.exists()
 
 
 def test_errors_do_not_wrap_when_output_is_not_a_terminal(tmp_path):

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from pipeline.errors import RynnError
 from pipeline.io import read_json, sha256_file, write_bytes, write_json
+from pipeline.publish import hold
 from pipeline.progress import Progress, console
 from pipeline.threads import limit_threads, local_processes
 from shards.reader import ShardReader
@@ -289,7 +290,17 @@ def train(cfg: TrainConfig, shards: Path | str, out: Path, *, resume: bool = Fal
     """Train on `shards` (a directory or a URL) into run directory `out`; returns the latest
     checkpoint directory.
     `cfg` carries the preset and step count (`resolve_train_config(preset, sets, steps=)`).
-    `stop_after` ends the process's work early at that step (tests: a run stopped mid-way)."""
+    `stop_after` ends the process's work early at that step (tests: a run stopped mid-way).
+    An exported shard set is held for the whole run (pipeline/publish.py): a re-export meanwhile
+    publishes a new version beside it, and this run reads the version it started on."""
+    if is_url(shards):
+        return _train(cfg, str(shards), out, resume=resume, init=init, stop_after=stop_after)
+    with hold(Path(shards)) as snapshot:
+        return _train(cfg, snapshot, out, resume=resume, init=init, stop_after=stop_after)
+
+
+def _train(cfg: TrainConfig, shards: Path | str, out: Path, *, resume: bool,
+           init: Path | None, stop_after: int | None) -> Path:
     rank, world, device = setup_distributed()
     limit_threads(local_processes())                # this rank's share of the cores
     out = Path(out)
