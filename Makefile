@@ -74,6 +74,9 @@ EXP          ?= out/sim_experiment
 SIM_DEMOS    ?= 100
 SIM_NOISE    ?= 0.05
 SIM_STEPS    ?= 3000
+# The tiny preset's lr (1e-3) collapses the action head to one constant chunk on these demos (the
+# same output for every observation, measured); 3e-4 keeps it input-dependent.
+SIM_LR       ?= 3e-4
 SIM_EPISODES ?= 50
 SIM_SEED     ?= 100000
 SIM_PROCS    ?= 1
@@ -87,9 +90,10 @@ sim-experiment: setup ## robosuite Lift: demos, tokenize, train (full and VLA-on
 		--noise $(SIM_NOISE) $(EXP)/raw
 	$(RYNN) tokenize --raw $(EXP)/raw --recipe sim_lift --out $(EXP)/tok
 	$(RYNN) verify $(EXP)/tok/shards
-	$(RYNN) train --shards $(EXP)/tok/shards --out $(EXP)/runs/full --preset $(PRESET) --steps $(SIM_STEPS)
+	$(RYNN) train --shards $(EXP)/tok/shards --out $(EXP)/runs/full --preset $(PRESET) --steps $(SIM_STEPS) \
+		--set lr=$(SIM_LR)
 	$(RYNN) train --shards $(EXP)/tok/shards --out $(EXP)/runs/vla --preset $(PRESET) --steps $(SIM_STEPS) \
-		--set mix=1.0
+		--set lr=$(SIM_LR) --set mix=1.0
 	$(ROLLOUT) --policy $(EXP)/runs/full --out $(EXP)/rollouts/full
 	$(ROLLOUT) --policy $(EXP)/runs/vla --out $(EXP)/rollouts/vla
 	$(ROLLOUT) --policy mean --out $(EXP)/rollouts/mean
