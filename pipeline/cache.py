@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import digest
+from pipeline.errors import RynnError
 from pipeline.io import read_json, sha256_file, write_json
 
 MANIFEST = "stage.json"  # the runner's record of a stage run; written last
@@ -220,7 +221,6 @@ def _reachable(cache: Path, keep: list[Path]) -> set[Path]:
         shards = root / "shards" if (root / "shards" / MANIFEST).exists() else root
         manifest, problem = read_record(shards)
         if manifest is None:
-            from pipeline.errors import RynnError
             raise RynnError(f"--keep {root}: {problem}; point it at a tokenize --out directory "
                             "or its shards/")
         found = by_digest.get((manifest["stage"], digest(manifest["outputs"])), [])

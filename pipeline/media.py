@@ -13,13 +13,13 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 
 ENCODERS = {"h264": "libx264", "av1": "libsvtav1"}
 
 
 def png_bytes(image: np.ndarray) -> bytes:
     """PNG bytes of one (H, W, 3) uint8 image."""
-    from PIL import Image          # Pillow loads only where PNGs are written
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
     return buf.getvalue()

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import h5py
+import numpy
 from rich.markup import escape
 
 from pipeline import __version__
@@ -152,8 +154,6 @@ def key_lock(path: Path) -> Iterator[None]:
 
 
 def tool_versions() -> dict[str, str]:
-    import h5py
-    import numpy
     out = {"rynn_pipe": __version__, "python": platform.python_version(),
            "numpy": numpy.__version__, "h5py": h5py.__version__}
     for mod in ("torch", "transformers"):

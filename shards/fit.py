@@ -25,6 +25,7 @@ import hashlib
 from functools import lru_cache
 
 import numpy as np
+from PIL import Image
 
 PATCH_PX = 32
 MAX_RATIO = 4.0
@@ -72,7 +73,6 @@ def offset(span: tuple[int, int], key: tuple) -> tuple[int, int]:
 
 def fit_image(img: np.ndarray, target: int, key: tuple = ()) -> np.ndarray:
     """(H, W, 3) uint8 -> (ch, cw, 3) uint8, the published center_crop with a keyed offset."""
-    from PIL import Image
     pil = Image.fromarray(np.ascontiguousarray(img))
     cw, ch = crop_size(pil.width, pil.height, target)
     while pil.width >= 2 * cw and pil.height >= 2 * ch:
@@ -85,7 +85,6 @@ def fit_image(img: np.ndarray, target: int, key: tuple = ()) -> np.ndarray:
 
 def fit_vla(img: np.ndarray, target: int) -> np.ndarray:
     """The published VLA processor: BICUBIC resize to 256 x 256, then fit (always square)."""
-    from PIL import Image
     square = Image.fromarray(np.ascontiguousarray(img)).resize((VLA_SIDE, VLA_SIDE),
                                                               resample=Image.BICUBIC)
     return fit_image(np.asarray(square), target)

@@ -37,7 +37,8 @@ import h5py
 import numpy as np
 
 from pipeline.config import ConfigError
-from pipeline.io import atomic_open
+from pipeline.io import atomic_open, npy_bytes, write_bytes
+from stages.libero import instruction_from_filename
 
 FLAVOURS = ("raw", "regenerated")
 DT = 0.05              # control period (20 Hz)
@@ -643,8 +644,6 @@ def export_observation(raw: Path, out: Path, *, step: int = 5) -> dict[str, Path
     it (frames as stored, before any rotation), for trying `rynn-pipe act`:
     front.npy, wrist.npy, prev_front.npy, prev_wrist.npy (H, W, 3 uint8), state.npy (8,),
     instruction.txt."""
-    from pipeline.io import npy_bytes, write_bytes
-    from stages.libero import instruction_from_filename
     src = sorted(Path(raw).glob("*.hdf5"))[0]
     with h5py.File(src, "r") as f:
         demo = f["data"][sorted(f["data"], key=lambda k: int(k.split("_")[1]))[0]]

@@ -26,6 +26,7 @@ import torch
 
 from pipeline.config import digest
 from pipeline.io import read_json, write_json
+from shards.vq import encode
 
 TUNING_FILE = "tuning/vq_batch.json"
 SCHEMA = 1
@@ -68,7 +69,6 @@ def sweep(handle, resolution: int, precision: str, sizes: Sequence[int] | None =
           budget_s: float = MEASURE_S, rounds: int = 2) -> dict[int, float]:
     """Images/s of `encode` at each batch size (in order) until a stop rule fires (module doc),
     then further rounds over the sizes reached, keeping each size's best (a busy machine)."""
-    from shards.vq import encode
     sizes = sizes or CANDIDATES.get(handle.device.type, CANDIDATES["cpu"])
     gen = torch.Generator().manual_seed(0)
     batches = {}

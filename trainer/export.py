@@ -35,12 +35,15 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from pipeline.errors import RynnError
 from pipeline.io import read_json, sha256_file, write_bytes, write_json
 from shards import vocab
 from shards.tokenizer import image_code_name
+from shards.vq import hf_config
 from trainer import checkpoint as ckpt
+from trainer.card import load_tokenizer_for, load_vq_for, read_card, resolve_checkpoint
 from trainer.config import ModelConfig
 from trainer.model import IMAGE_TOKEN, RynnModel, chameleon_config
 
@@ -83,7 +86,6 @@ def vocabulary_map(tokenizer) -> dict[str, int]:
     """Chameleon's `vocabulary_map`: the tokenizer file's whole vocabulary, or for the fallback
     tokenizer the names transformers needs (`<s>`, `<image>`, one `IMGIMG...` name per code)."""
     if tokenizer.kind == "chameleon":
-        from tokenizers import Tokenizer
         return dict(Tokenizer.from_file(tokenizer.path).get_vocab(with_added_tokens=True))
     names = {image_code_name(c): int(i) for c, i in enumerate(tokenizer.image_code_to_id)}
     return {"<s>": vocab.BOS, "<image>": IMAGE_TOKEN, **names}
@@ -91,7 +93,6 @@ def vocabulary_map(tokenizer) -> dict[str, int]:
 
 def export_config(model_cfg: ModelConfig, vocab_map: dict[str, int], vq_arch: dict[str, Any]):
     """The transformers `ChameleonConfig` of a run: its architecture, vocabulary and VQ-GAN."""
-    from shards.vq import hf_config
     config = chameleon_config(model_cfg)
     config.vocabulary_map = vocab_map
     config.image_token_id = vocab_map.get("<image>")
@@ -108,7 +109,6 @@ def export_config(model_cfg: ModelConfig, vocab_map: dict[str, int], vq_arch: di
 def export(run: str | Path, out: str | Path, *, vq_path: str | Path | None = None,
            tokenizer_path: str | Path | None = None) -> Path:
     """Write the export directory `out` for a run (its latest checkpoint) or a step directory."""
-    from trainer.card import load_tokenizer_for, load_vq_for, read_card, resolve_checkpoint
     step_dir = resolve_checkpoint(run)
     card = read_card(step_dir)
     cfg, chunk, action_dim = ckpt.read_config(step_dir)
@@ -245,7 +245,6 @@ def load_model(path: str | Path) -> torch.nn.Module:
 
 def load_parts(path: str | Path, device: torch.device):
     """(card, tokenizer, VQ handle, model) of an export, each checked against the card."""
-    from trainer.card import load_tokenizer_for, load_vq_for, read_card
     path = Path(path)
     card = read_card(path)
     tok_file = path / TOKENIZER_FILE

@@ -37,6 +37,9 @@ from typing import Any
 
 import msgpack
 import numpy as np
+from websockets.asyncio import server as ws_server
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from pipeline.errors import RynnError
 from pipeline.progress import console
@@ -222,12 +225,11 @@ class PolicyServer:
         return f"ws://{self.cfg.host}:{self.port}"
 
     async def _main(self, install_signals: bool) -> None:
-        from websockets.asyncio.server import serve
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop.set)
-        async with serve(self._connection, self.cfg.host, self.cfg.port,
+        async with ws_server.serve(self._connection, self.cfg.host, self.cfg.port,
                          max_size=self.cfg.max_message_mb << 20,
                          ping_interval=self.cfg.ping_interval) as server:
             self.port = server.sockets[0].getsockname()[1]
@@ -244,7 +246,6 @@ class PolicyServer:
     # -- one connection
 
     async def _connection(self, ws) -> None:
-        from websockets.exceptions import ConnectionClosed
         try:
             await ws.send(self._hello)
             async for data in ws:
@@ -292,7 +293,6 @@ class RemotePolicy:
     before they are sent; server errors raise `RemoteError` (or `MalformedActions`)."""
 
     def __init__(self, url: str, *, timeout: float = 60.0, max_message_mb: int = 64) -> None:
-        from websockets.sync.client import connect
         self.url, self.timeout = url, timeout
         self._ws = connect(url, max_size=max_message_mb << 20, open_timeout=timeout, legacy=True)
         hello = unpack(self._ws.recv(timeout))
