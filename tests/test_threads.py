@@ -1,10 +1,14 @@
 """The thread budget (pipeline/threads.py): shares of the usable cores, the override, and that a
-spawned worker process (the pretokenize pool initializer) really runs with its share."""
+spawned worker process (the pretokenize pool initializer) really runs with its share; the
+background pump (order, errors, bounded lead, clean stop)."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -96,3 +100,59 @@ def test_passive_openmp_before_torch_loads_and_respects_the_user():
     assert _fresh_python(code, OMP_WAIT_POLICY="ACTIVE") == ["True", "ACTIVE"]
     assert threads.passive_openmp() is False          # torch is loaded in this process
     assert threads.child_env(2, base={})[threads.WAIT_POLICY] == "PASSIVE"
+
+
+def _pump_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("pump-")]
+
+
+def test_background_keeps_order_and_reraises_after_earlier_items():
+    def source():
+        yield from range(5)
+        raise RuntimeError("bad item 5")
+
+    seen = []
+    with pytest.raises(RuntimeError, match="bad item 5"):
+        for item in threads.background(source(), depth=2, name="pump-order"):
+            seen.append(item)
+    assert seen == [0, 1, 2, 3, 4] and not _pump_threads()
+
+
+def test_background_runs_at_most_depth_ahead():
+    produced = []
+
+    def source():
+        for i in range(100):
+            produced.append(i)
+            yield i
+
+    pump = threads.background(source(), depth=3, name="pump-depth")
+    assert next(pump) == 0
+    time.sleep(0.3)
+    assert len(produced) <= 1 + 3 + 1       # handed out, queued, one blocked in put
+    pump.close()
+
+
+def test_closing_stops_nested_pumps_and_closes_their_sources():
+    closed = []
+
+    def endless(tag):
+        try:
+            yield from itertools.count()
+        finally:
+            closed.append(tag)
+
+    def doubled(items):
+        try:
+            for i in items:
+                yield 2 * i
+        finally:
+            items.close()
+
+    inner = threads.background(endless("inner"), depth=2, name="pump-inner")
+    outer = threads.background(doubled(inner), depth=2, name="pump-outer")
+    assert [next(outer) for _ in range(3)] == [0, 2, 4]
+    outer.close()
+    assert closed == ["inner"] and not _pump_threads()
+    with pytest.raises(ValueError, match="depth"):
+        next(threads.background([], depth=0))
