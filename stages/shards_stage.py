@@ -77,7 +77,7 @@ def load_episode(row: dict[str, Any], filter_dir: Path, store_dir: Path, store: 
 def wm_codes(row: dict[str, Any], store_dir: Path, store: dict[str, Any], n: int
              ) -> np.ndarray | None:
     """The episode's world-model codes when the store holds a separate set (published fitting)."""
-    from stages.pretokenize import wm_codes_file
+    from stages.encode import wm_codes_file
     entry = store.get("wm_grids", {}).get(row["id"])
     if entry is None:
         return None

@@ -21,7 +21,7 @@ from pipeline.errors import DataError
 from pipeline.io import read_json, write_json, write_npz
 from pipeline.runner import Context, Result, Runner, Stage
 from shards import vq
-from stages import pretokenize
+from stages import encode, pretokenize
 
 RAW_HW = 40  # != resolution: exercises the resize
 EPISODES = {"demo_0": (7, [0, 1, 2, 4, 5]), "demo_1": (5, [1, 2, 3, 4]), "demo_2": (4, [0, 3])}
@@ -183,15 +183,15 @@ def test_runner_rerun_and_chunk_change_encode_nothing(cfg, world):
 def test_decode_store_episode(cfg, world):
     ctx = make_ctx(cfg, world)
     pretokenize.run(ctx)
-    images = pretokenize.decode_store_episode(ctx.out, "task_demo__demo_2", [1], small_handle())
+    images = encode.decode_store_episode(ctx.out, "task_demo__demo_2", [1], small_handle())
     assert images.shape == (1, 2, 64, 64, 3) and images.dtype == np.uint8
-    paths = pretokenize.decode_to_png(ctx.out, "task_demo__demo_2", ctx.out.parent / "png", frames=[0],
+    paths = encode.decode_to_png(ctx.out, "task_demo__demo_2", ctx.out.parent / "png", frames=[0],
                                       vq_random_arch="small", device="cpu")
     assert [p.name for p in paths] == ["task_demo__demo_2_000000_front.png",
                                        "task_demo__demo_2_000000_wrist.png"]
     other = vq.load_vq(None, random_arch="small", seed=5, device="cpu")
     with pytest.raises(DataError, match="encoded with VQ weights"):
-        pretokenize.decode_store_episode(ctx.out, "task_demo__demo_2", None, other)
+        encode.decode_store_episode(ctx.out, "task_demo__demo_2", None, other)
 
 
 @pytest.mark.parametrize("sizes", [(1, 7), (3, 16)])

@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from pipeline import threads
-from stages import pretokenize
+from stages import encode
 
 
 def test_share_is_cores_over_processes(monkeypatch):
@@ -56,7 +56,7 @@ def _pool_threads(workers: int) -> set[int]:
     """torch threads seen inside each worker of a spawned pool set up like pretokenize's."""
     share = threads.threads_per_process(workers)
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=pretokenize._init_worker,
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=encode._init_worker,
                              initargs=(ctx.Queue(), share)) as pool:
         seen = [pool.submit(_worker_view) for _ in range(2 * workers)]
         return {f.result()[0] for f in seen}
