@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -38,6 +39,7 @@ from pipeline.runner import Runner
 from pipeline.threads import limit_threads
 from shards import vq
 from stages import encode, pretokenize
+from stages import filter as filter_stage
 from stages.vq_batch import best_batch_size
 
 SYNTH_HW = 128
@@ -83,7 +85,6 @@ def prepare(cfg: RunConfig, work: Path, args) -> tuple[Path, Path]:
               f"{SYNTH_HW}x{SYNTH_HW})")
         return raw, synthetic_filter(work / "filter", args.episodes, args.frames)
     from sim.demo_data import write_demo_suite
-    from stages import filter as filter_stage
     steps = max(24, args.frames)  # the demo suite records at least 24 steps per demo
     write_demo_suite(raw, tasks=1, demos=args.episodes, steps=steps)
     done = Runner(cfg, [filter_stage.STAGE], raw=raw, cache=work / "cache", quiet=True).run()
@@ -227,5 +228,4 @@ def report(cfg: RunConfig, handle, raw: Path, filt: Path, work: Path, args) -> N
 
 
 if __name__ == "__main__":
-    import sys
     main(sys.argv[1:])

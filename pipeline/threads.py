@@ -99,7 +99,7 @@ def limit_threads(processes: int = 1) -> int:
     Call it first thing in each of `processes` worker processes (a pool initializer), or with
     the default 1 in a process that runs alone.
     """
-    import torch
+    import torch  # here, not at the top: passive_openmp() must be able to run before torch loads
     threads = threads_per_process(processes)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -7,11 +7,14 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+import torch
 
 from pipeline import threads
 from stages import encode
@@ -48,7 +51,6 @@ def test_override_by_environment(monkeypatch):
 
 
 def _worker_view() -> tuple[int, int]:
-    import torch
     return torch.get_num_threads(), len(os.sched_getaffinity(0))
 
 
@@ -75,7 +77,6 @@ def test_worker_process_honours_override(monkeypatch):
 
 
 def test_limit_threads_sets_torch(monkeypatch):
-    import torch
     before = torch.get_num_threads()
     monkeypatch.setenv(threads.ENV, "1")
     try:
@@ -86,8 +87,6 @@ def test_limit_threads_sets_torch(monkeypatch):
 
 
 def _fresh_python(code: str, **env: str) -> str:
-    import subprocess
-    import sys
     full = {k: v for k, v in os.environ.items() if k != threads.WAIT_POLICY} | env
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
                           check=True).stdout.split()
