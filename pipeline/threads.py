@@ -1,4 +1,5 @@
-"""Thread budget: processes x intra-op threads never exceed the cores this process may use.
+"""Thread budget: processes x intra-op threads never exceed the cores this process may use; and
+the one background pump (`background`) that runs an iterator in a thread.
 
 torch (OpenMP) starts as many intra-op threads per process as the machine has cores. Several such
 processes on the same cores (pretokenize workers, torchrun ranks on a CPU, rollout environments
