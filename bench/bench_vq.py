@@ -8,8 +8,8 @@ the demo recipe's 128 px and small random VQ-GAN unless `--resolution` / `--arch
   batch sizes (`--sizes`, best of two interleaved rounds) in fp32, the stage's precision; the best
   is the reference. bf16-mixed is timed at that batch and shown with its code agreement (it
   changes codes, so it is not the reference);
-- the stage: its encode pipeline (reader in a loader thread, encoder, writer thread writing the
-  codes files) on a fresh output directory, at the batch size the stage picks itself
+- the stage: its encode pipeline (stages/encode.py: reader in a loader thread, encoder thread,
+  codes files written by the calling thread) on a fresh output directory, at the batch size the stage picks itself
   (stages/vq_batch.py, measured afresh into the bench's temporary directory, as on a first run)
   unless `--batch-size`;
 - published style: every VLA sample (history M=2) and world-model sample (frame t -> t+1) encodes
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -37,7 +38,8 @@ from pipeline.io import write_json, write_npz
 from pipeline.runner import Runner
 from pipeline.threads import limit_threads
 from shards import vq
-from stages import pretokenize
+from stages import encode, pretokenize
+from stages import filter as filter_stage
 from stages.vq_batch import best_batch_size
 
 SYNTH_HW = 128
@@ -83,7 +85,6 @@ def prepare(cfg: RunConfig, work: Path, args) -> tuple[Path, Path]:
               f"{SYNTH_HW}x{SYNTH_HW})")
         return raw, synthetic_filter(work / "filter", args.episodes, args.frames)
     from sim.demo_data import write_demo_suite
-    from stages import filter as filter_stage
     steps = max(24, args.frames)  # the demo suite records at least 24 steps per demo
     write_demo_suite(raw, tasks=1, demos=args.episodes, steps=steps)
     done = Runner(cfg, [filter_stage.STAGE], raw=raw, cache=work / "cache", quiet=True).run()
@@ -95,9 +96,9 @@ def prepare(cfg: RunConfig, work: Path, args) -> tuple[Path, Path]:
 def time_end_to_end(cfg: RunConfig, raw: Path, filt: Path, out: Path, handle) -> tuple[float, int]:
     jobs = pretokenize.read_jobs(filt)
     out.mkdir()
-    plan = pretokenize.Plan(cfg, raw, out, jobs, pretokenize.LOADER)
+    plan = encode.Plan(cfg, raw, out, jobs, pretokenize.LOADER)
     t0 = time.perf_counter()
-    timing = pretokenize.encode_plan(handle, plan)
+    timing = encode.encode_plan(handle, plan)
     seconds = time.perf_counter() - t0
     print(f"  stage: encoder busy {timing.encode_s:.1f} s, waited on I/O {timing.wait_s:.2f} s "
           f"of {seconds:.1f} s")
@@ -106,8 +107,8 @@ def time_end_to_end(cfg: RunConfig, raw: Path, filt: Path, out: Path, handle) ->
 
 def preloaded_pixels(cfg: RunConfig, raw: Path, filt: Path) -> torch.Tensor:
     """Every (frame, view) of the stage's input, preprocessed: (N, 3, R, R) float32."""
-    load = pretokenize.resolve_loader(pretokenize.LOADER)
-    frames = [pretokenize.episode_frames(load(raw, job.ref, cfg.source), job)
+    load = encode.resolve_loader(pretokenize.LOADER)
+    frames = [encode.episode_frames(load(raw, job.ref, cfg.source), job)
               for job in pretokenize.read_jobs(filt)]
     return vq.preprocess(np.concatenate(frames), cfg.image.resolution)
 
@@ -139,10 +140,10 @@ def sweep_bare(handle, pixels: torch.Tensor, sizes: list[int], min_s: float,
 
 def published_encodes(cfg: RunConfig, raw: Path, filt: Path) -> list[tuple[np.ndarray, int]]:
     """(frame uint8, episode frame count) for every encode the per-sample pipeline performs."""
-    load = pretokenize.resolve_loader(pretokenize.LOADER)
+    load = encode.resolve_loader(pretokenize.LOADER)
     items = []
     for job in pretokenize.read_jobs(filt):
-        frames = pretokenize.episode_frames(load(raw, job.ref, cfg.source), job)
+        frames = encode.episode_frames(load(raw, job.ref, cfg.source), job)
         per_frame = frames.reshape(len(job.rows), len(VIEWS), *frames.shape[1:])
         n = len(job.rows)
         vla = [range(t - HISTORY + 1, t + 1) for t in range(HISTORY - 1, n)]
@@ -227,5 +228,4 @@ def report(cfg: RunConfig, handle, raw: Path, filt: Path, work: Path, args) -> N
 
 
 if __name__ == "__main__":
-    import sys
     main(sys.argv[1:])

@@ -249,7 +249,7 @@ def decode_cmd(store: Path = typer.Argument(..., help="A pretokenize output dir 
                vq_random_arch: str = typer.Option("full", help="Random-init arch: full or small."),
                vq_seed: int = typer.Option(0, help="Random-init seed.")) -> None:
     """Turn stored VQ codes back into images (PNG per frame and view)."""
-    from stages.pretokenize import decode_to_png
+    from stages.encode import decode_to_png
     picked = [int(f) for f in frames.split(",")] if frames else None
     paths = decode_to_png(store, episode, out, frames=picked, vq_path=vq_path,
                           vq_random_arch=vq_random_arch, vq_seed=vq_seed)

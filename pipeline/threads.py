@@ -1,4 +1,5 @@
-"""Thread budget: processes x intra-op threads never exceed the cores this process may use.
+"""Thread budget: processes x intra-op threads never exceed the cores this process may use; and
+the one background pump (`background`) that runs an iterator in a thread.
 
 torch (OpenMP) starts as many intra-op threads per process as the machine has cores. Several such
 processes on the same cores (pretokenize workers, torchrun ranks on a CPU, rollout environments
@@ -20,19 +21,30 @@ shared 2-core machine at load 8-9: pretokenize 13x slower with 2 spinning thread
 `passive_openmp()`, called by `rynn-pipe` and `python -m bench` before torch loads, makes waiting
 threads sleep instead (`OMP_WAIT_POLICY=PASSIVE`, unless the variable is already set; set it to
 ACTIVE to get spinning back).
+
+`background(source, depth)` runs an iterator in a thread a bounded number of items ahead of its
+consumer (pretokenize's loader and encoder, the shard reader's batches):
+
+    for batch in background(make_batches(), depth=4, name="loader"):   # errors re-raise here
+        ...
 """
 
 from __future__ import annotations
 
 import math
 import os
+import queue
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
 
 ENV = "RYNN_THREADS"
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 WAIT_POLICY = "OMP_WAIT_POLICY"
+T = TypeVar("T")
 
 
 def usable_cores() -> int:
@@ -88,7 +100,7 @@ def limit_threads(processes: int = 1) -> int:
     Call it first thing in each of `processes` worker processes (a pool initializer), or with
     the default 1 in a process that runs alone.
     """
-    import torch
+    import torch  # here, not at the top: passive_openmp() must be able to run before torch loads
     threads = threads_per_process(processes)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -113,3 +125,57 @@ def passive_openmp() -> bool:
         return False
     os.environ.setdefault(WAIT_POLICY, "PASSIVE")
     return True
+
+
+@dataclass(frozen=True)
+class _Raised:
+    error: BaseException
+
+
+_END = object()
+
+
+def background(source: Iterable[T], depth: int, *, name: str = "background") -> Iterator[T]:
+    """The items of `source`, produced in a daemon thread at most `depth` items ahead.
+
+    Items come in order; an exception raised by `source` re-raises in the consumer after the
+    items produced before it. Closing the returned iterator (leaving a `for` loop early, or an
+    error in the consumer) stops the thread, waits for it (at most the item it is producing) and
+    closes `source`, so pumps nested in one another all stop.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        it = iter(source)
+        try:
+            for item in it:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(_Raised(exc))
+        finally:
+            getattr(it, "close", lambda: None)()
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not _END:
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -45,9 +45,7 @@ import dataclasses
 import functools
 import gzip
 import json
-import queue
 import re
-import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -58,7 +56,7 @@ import torch
 
 from pipeline.errors import DataError
 from pipeline.io import read_json, sha256_bytes
-from pipeline.threads import local_processes, threads_per_process
+from pipeline.threads import background, local_processes, threads_per_process
 from shards import vocab
 from shards.remote import RemoteShardSet, is_url
 
@@ -377,9 +375,6 @@ class _Cursor:
         return _Cursor(self.epoch, self.batch, {k: list(v) for k, v in self.streams.items()})
 
 
-_DONE = object()
-
-
 class ShardReader:
     """Iterable of training batches over a shard directory. See the module docstring."""
 
@@ -501,7 +496,7 @@ class ShardReader:
     def _run(self, forever: bool) -> Iterator[dict[str, Any]]:
         source = self._batches(self._state, forever)
         if self.prefetch > 0:
-            source = _background(source, self.prefetch)
+            source = background(source, self.prefetch, name="shard-reader")
         for batch, state in source:
             self._state = state
             yield batch
@@ -544,42 +539,6 @@ class ShardReader:
 def reader_threads() -> int:
     """Default shard-loading threads: 2 (a block's shards), within this process's thread budget."""
     return min(2, threads_per_process(local_processes()))
-
-
-def _background(source: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Run `source` in a thread, `depth` items ahead; exceptions re-raise in the consumer."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in source:
-                if not _put(items, item, stop):
-                    return
-            _put(items, _DONE, stop)
-        except Exception as exc:  # handed to the consumer, which re-raises it
-            _put(items, exc, stop)
-
-    thread = threading.Thread(target=produce, name="shard-reader", daemon=True)
-    thread.start()
-    try:
-        while (item := items.get()) is not _DONE:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _put(items: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            items.put(item, timeout=0.05)
-            return True
-        except queue.Full:
-            continue
-    return False
 
 
 def _validate(batch_size: int, split: str, mix: float | None, rank: int, world_size: int,

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.config import RunConfig, select
 from pipeline.errors import DataError, StageError
-from pipeline.io import load_npz, read_json, sha256_bytes, write_bytes, write_json
+from pipeline.io import load_npz, read_json, sha256_bytes, sha256_file, write_bytes, write_json
 from pipeline.progress import Progress
 from pipeline.runner import Context, Result, Stage, output_digest
 from pipeline.actions import relative_dtype
@@ -33,6 +33,7 @@ from shards.format import MANIFEST, SCHEMA, STATS, manifest_digest, vocab_facts
 from shards.tokenizer import TextTokenizer, load_text_tokenizer
 from shards.writer import ShardSetWriter, totals
 from shards.bins import Stats
+from stages.encode import wm_codes_file
 
 FIELDS = ("conv.*", "split.*", "shard.*", "bins.num_bins", "recipe", "compat")
 DEPS = ("filter", "fit-bins", "pretokenize")
@@ -77,7 +78,6 @@ def load_episode(row: dict[str, Any], filter_dir: Path, store_dir: Path, store: 
 def wm_codes(row: dict[str, Any], store_dir: Path, store: dict[str, Any], n: int
              ) -> np.ndarray | None:
     """The episode's world-model codes when the store holds a separate set (published fitting)."""
-    from stages.pretokenize import wm_codes_file
     entry = store.get("wm_grids", {}).get(row["id"])
     if entry is None:
         return None
@@ -253,7 +253,6 @@ def input_digest(ctx: Context) -> dict[str, str]:
     out = {dep: output_digest(ctx.inputs[dep]) for dep in DEPS}
     path = ctx.cfg.conv.tokenizer_path
     if path is not None:
-        from pipeline.io import sha256_file
         out["tokenizer"] = sha256_file(path) if Path(path).is_file() else "missing"
     return out
 

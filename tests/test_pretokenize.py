@@ -21,7 +21,7 @@ from pipeline.errors import DataError
 from pipeline.io import read_json, write_json, write_npz
 from pipeline.runner import Context, Result, Runner, Stage
 from shards import vq
-from stages import pretokenize
+from stages import encode, pretokenize, vq_batch
 
 RAW_HW = 40  # != resolution: exercises the resize
 EPISODES = {"demo_0": (7, [0, 1, 2, 4, 5]), "demo_1": (5, [1, 2, 3, 4]), "demo_2": (4, [0, 3])}
@@ -151,6 +151,17 @@ def test_resume_after_interruption(cfg, world, monkeypatch):
     assert tree_bytes(ctx.out) == tree_bytes(full.out)
 
 
+def test_vq_gan_is_loaded_once_for_digest_and_run(cfg, world, monkeypatch):
+    real_load, calls = vq.load_vq, []
+    monkeypatch.setattr(encode, "_LOADED", {})
+    monkeypatch.setattr(vq, "load_vq", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    ctx = make_ctx(cfg, world)
+    digest = pretokenize.input_digest(ctx)["vq"]
+    assert pretokenize.run(ctx).extra["vq_digest"] == digest and len(calls) == 1
+    pretokenize.input_digest(make_ctx(replace(cfg, image=replace(cfg.image, vq_seed=1)), world))
+    assert len(calls) == 2 and len(encode._LOADED) == 1     # other weights replace the first
+
+
 def test_input_digest_tracks_frames_only(cfg, world):
     root, filt = world
     ctx = make_ctx(cfg, world)
@@ -183,15 +194,15 @@ def test_runner_rerun_and_chunk_change_encode_nothing(cfg, world):
 def test_decode_store_episode(cfg, world):
     ctx = make_ctx(cfg, world)
     pretokenize.run(ctx)
-    images = pretokenize.decode_store_episode(ctx.out, "task_demo__demo_2", [1], small_handle())
+    images = encode.decode_store_episode(ctx.out, "task_demo__demo_2", [1], small_handle())
     assert images.shape == (1, 2, 64, 64, 3) and images.dtype == np.uint8
-    paths = pretokenize.decode_to_png(ctx.out, "task_demo__demo_2", ctx.out.parent / "png", frames=[0],
+    paths = encode.decode_to_png(ctx.out, "task_demo__demo_2", ctx.out.parent / "png", frames=[0],
                                       vq_random_arch="small", device="cpu")
     assert [p.name for p in paths] == ["task_demo__demo_2_000000_front.png",
                                        "task_demo__demo_2_000000_wrist.png"]
     other = vq.load_vq(None, random_arch="small", seed=5, device="cpu")
     with pytest.raises(DataError, match="encoded with VQ weights"):
-        pretokenize.decode_store_episode(ctx.out, "task_demo__demo_2", None, other)
+        encode.decode_store_episode(ctx.out, "task_demo__demo_2", None, other)
 
 
 @pytest.mark.parametrize("sizes", [(1, 7), (3, 16)])
@@ -205,7 +216,6 @@ def test_batch_size_never_changes_the_bytes(cfg, world, sizes):
 
 
 def test_measured_batch_size_is_remembered(cfg, world, tmp_path, monkeypatch):
-    from stages import vq_batch
     monkeypatch.setenv("RYNN_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(vq_batch, "CANDIDATES", {"cpu": (1, 2, 4)})
     auto = replace(cfg, image=replace(cfg.image, batch_size=None))

@@ -1,16 +1,23 @@
 """The thread budget (pipeline/threads.py): shares of the usable cores, the override, and that a
-spawned worker process (the pretokenize pool initializer) really runs with its share."""
+spawned worker process (the pretokenize pool initializer) really runs with its share; the
+background pump (order, errors, bounded lead, clean stop)."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
+import subprocess
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+import torch
 
 from pipeline import threads
-from stages import pretokenize
+from stages import encode
 
 
 def test_share_is_cores_over_processes(monkeypatch):
@@ -44,7 +51,6 @@ def test_override_by_environment(monkeypatch):
 
 
 def _worker_view() -> tuple[int, int]:
-    import torch
     return torch.get_num_threads(), len(os.sched_getaffinity(0))
 
 
@@ -52,7 +58,7 @@ def _pool_threads(workers: int) -> set[int]:
     """torch threads seen inside each worker of a spawned pool set up like pretokenize's."""
     share = threads.threads_per_process(workers)
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=pretokenize._init_worker,
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=encode._init_worker,
                              initargs=(ctx.Queue(), share)) as pool:
         seen = [pool.submit(_worker_view) for _ in range(2 * workers)]
         return {f.result()[0] for f in seen}
@@ -71,7 +77,6 @@ def test_worker_process_honours_override(monkeypatch):
 
 
 def test_limit_threads_sets_torch(monkeypatch):
-    import torch
     before = torch.get_num_threads()
     monkeypatch.setenv(threads.ENV, "1")
     try:
@@ -82,8 +87,6 @@ def test_limit_threads_sets_torch(monkeypatch):
 
 
 def _fresh_python(code: str, **env: str) -> str:
-    import subprocess
-    import sys
     full = {k: v for k, v in os.environ.items() if k != threads.WAIT_POLICY} | env
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
                           check=True).stdout.split()
@@ -96,3 +99,59 @@ def test_passive_openmp_before_torch_loads_and_respects_the_user():
     assert _fresh_python(code, OMP_WAIT_POLICY="ACTIVE") == ["True", "ACTIVE"]
     assert threads.passive_openmp() is False          # torch is loaded in this process
     assert threads.child_env(2, base={})[threads.WAIT_POLICY] == "PASSIVE"
+
+
+def _pump_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("pump-")]
+
+
+def test_background_keeps_order_and_reraises_after_earlier_items():
+    def source():
+        yield from range(5)
+        raise RuntimeError("bad item 5")
+
+    seen = []
+    with pytest.raises(RuntimeError, match="bad item 5"):
+        for item in threads.background(source(), depth=2, name="pump-order"):
+            seen.append(item)
+    assert seen == [0, 1, 2, 3, 4] and not _pump_threads()
+
+
+def test_background_runs_at_most_depth_ahead():
+    produced = []
+
+    def source():
+        for i in range(100):
+            produced.append(i)
+            yield i
+
+    pump = threads.background(source(), depth=3, name="pump-depth")
+    assert next(pump) == 0
+    time.sleep(0.3)
+    assert len(produced) <= 1 + 3 + 1       # handed out, queued, one blocked in put
+    pump.close()
+
+
+def test_closing_stops_nested_pumps_and_closes_their_sources():
+    closed = []
+
+    def endless(tag):
+        try:
+            yield from itertools.count()
+        finally:
+            closed.append(tag)
+
+    def doubled(items):
+        try:
+            for i in items:
+                yield 2 * i
+        finally:
+            items.close()
+
+    inner = threads.background(endless("inner"), depth=2, name="pump-inner")
+    outer = threads.background(doubled(inner), depth=2, name="pump-outer")
+    assert [next(outer) for _ in range(3)] == [0, 2, 4]
+    outer.close()
+    assert closed == ["inner"] and not _pump_threads()
+    with pytest.raises(ValueError, match="depth"):
+        next(threads.background([], depth=0))
