@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.config import RunConfig, select
 from pipeline.errors import DataError, StageError
-from pipeline.io import load_npz, read_json, sha256_bytes, write_bytes, write_json
+from pipeline.io import load_npz, read_json, sha256_bytes, sha256_file, write_bytes, write_json
 from pipeline.progress import Progress
 from pipeline.runner import Context, Result, Stage, output_digest
 from pipeline.actions import relative_dtype
@@ -30,9 +30,11 @@ from pipeline.splits import TRAIN, VAL, coarse, episode_splits
 from shards.conversation import (DEFAULT_RULES, KINDS, VLA, WM, Codec, Rules, episode_samples,
                                  episode_tokens)
 from shards.format import MANIFEST, SCHEMA, STATS, manifest_digest, vocab_facts
+from shards.records import VQRecord
 from shards.tokenizer import TextTokenizer, load_text_tokenizer
 from shards.writer import ShardSetWriter, totals
 from shards.bins import Stats
+from stages.pretokenize import wm_codes_file
 
 FIELDS = ("conv.*", "split.*", "shard.*", "bins.num_bins", "recipe", "compat")
 DEPS = ("filter", "fit-bins", "pretokenize")
@@ -77,7 +79,6 @@ def load_episode(row: dict[str, Any], filter_dir: Path, store_dir: Path, store: 
 def wm_codes(row: dict[str, Any], store_dir: Path, store: dict[str, Any], n: int
              ) -> np.ndarray | None:
     """The episode's world-model codes when the store holds a separate set (published fitting)."""
-    from stages.pretokenize import wm_codes_file
     entry = store.get("wm_grids", {}).get(row["id"])
     if entry is None:
         return None
@@ -137,15 +138,14 @@ def drop_summary(drops: Counter) -> dict[str, dict[str, int]]:
 def shard_manifest(cfg: RunConfig, entries: list[dict], stats_bytes: bytes, stats: Stats,
                    tokenizer: TextTokenizer, store: dict[str, Any], rows: list[dict],
                    split: dict[str, str], drops: Counter, dims: dict[str, int]) -> dict[str, Any]:
-    vq = store.get("vq", {})
     per_camera = dims.pop("per_camera_wm", False)
     out = {
         "schema": SCHEMA, "format": "rynn-shards", "recipe": cfg.recipe,
         "config": select(cfg, FIELDS), "shards": entries, "totals": totals(entries),
         "stats": {"path": STATS, "sha256": sha256_bytes(stats_bytes), "source": stats.source},
-        "tokenizer": tokenizer.describe(),
-        "vq": {"digest": vq.get("digest"), "untrained": vq.get("untrained"),
-               "source": vq.get("source"), "arch": vq.get("arch")},
+        "tokenizer": tokenizer.record.to_json(),
+        # store.json keeps its earlier string form (its bytes are the codes store's identity)
+        "vq": VQRecord.from_json(store["vq"]).to_json(),
         "vocab": vocab_facts(int(store["resolution"])),
         # how raw camera frames became these tokens: what inference must do to match training
         "images": {"orientation": store.get("orientation"), "views": store.get("views"),
@@ -251,7 +251,6 @@ def input_digest(ctx: Context) -> dict[str, str]:
     out = {dep: output_digest(ctx.inputs[dep]) for dep in DEPS}
     path = ctx.cfg.conv.tokenizer_path
     if path is not None:
-        from pipeline.io import sha256_file
         out["tokenizer"] = sha256_file(path) if Path(path).is_file() else "missing"
     return out
 
