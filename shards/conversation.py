@@ -170,6 +170,9 @@ def assemble(human: list[np.ndarray], response: list[np.ndarray]) -> tuple[np.nd
 # Parsing: the inverses of the builders above, used wherever blocks are read back.
 # ---------------------------------------------------------------------------------------------
 
+SEGMENT_KINDS = ("text", "state", "image", "action", "sep")
+
+
 class Segment(NamedTuple):
     kind: str       # "text", "state", "image", "action" or "sep"
     start: int
@@ -220,15 +223,18 @@ def split_blocks(tokens: np.ndarray, *, action_dim: int, state_dim: int, start: 
     return segs, []
 
 
-def blocks_of(tokens: np.ndarray, kind: str, *, action_dim: int, state_dim: int,
-              start: int = 1) -> list[np.ndarray]:
-    """Every block of `kind` of a well-formed sequence, in order; DataError when it does not
-    parse."""
+def blocks_by_kind(tokens: np.ndarray, *, action_dim: int, state_dim: int, start: int = 1
+                   ) -> dict[str, list[np.ndarray]]:
+    """The blocks of a well-formed sequence by segment kind, each list in order (every kind a
+    key, empty when absent); DataError when the sequence does not parse."""
     tokens = np.asarray(tokens, dtype=np.int64)
     segs, problems = split_blocks(tokens, action_dim=action_dim, state_dim=state_dim, start=start)
     if problems:
         raise DataError(f"token sequence does not parse: {problems[0]}")
-    return [tokens[s:e] for k, s, e in segs if k == kind]
+    out: dict[str, list[np.ndarray]] = {k: [] for k in SEGMENT_KINDS}
+    for kind, s, e in segs:
+        out[kind].append(tokens[s:e])
+    return out
 
 
 def parse_image_block(block: np.ndarray, id_to_code: np.ndarray | None = None) -> np.ndarray:

@@ -139,7 +139,7 @@ def draw_segments(ax, segs: list, length: int, targets: list) -> None:
 
 def draw(sample: dict[str, Any], pictures: list[np.ndarray], note: str, state: np.ndarray,
          actions: np.ndarray, segs: list, out_png: Path) -> None:
-    import matplotlib
+    import matplotlib               # heavy, and only this command draws: imported when drawing
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     meta, tokens = sample["meta"], sample["tokens"]

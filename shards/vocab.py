@@ -2,12 +2,14 @@
 
     from shards import vocab
     vocab.action_block(bins)   # [10004, 10005+d..., 15004]
-    vocab.parse_action_block(block)   # its inverse: the bins back (ValueError when malformed)
+    vocab.parse_action_block(block)   # its inverse: the bins back (DataError when malformed)
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from pipeline.errors import DataError
 
 VOCAB_SIZE = 65536
 
@@ -79,7 +81,7 @@ def _block(bins: np.ndarray, start: int, base: int, end: int) -> np.ndarray:
 
 def parse_action_block(block: np.ndarray) -> np.ndarray:
     """One action block [ACTION_START, 10005 + d..., ACTION_END] -> its bins d (D,) in 1..256;
-    the inverse of `action_block`. Raises ValueError naming what is wrong."""
+    the inverse of `action_block`. Raises DataError naming what is wrong."""
     return _parse_block(block, ACTION_START, ACTION_BIN_BASE, ACTION_END, "action")
 
 
@@ -91,11 +93,11 @@ def parse_state_block(block: np.ndarray) -> np.ndarray:
 def _parse_block(block: np.ndarray, start: int, base: int, end: int, what: str) -> np.ndarray:
     block = np.asarray(block, dtype=np.int64)
     if len(block) < 2 or block[0] != start or block[-1] != end:
-        raise ValueError(f"{what} block {block[:5].tolist()}... is not opened by {start} and "
-                         f"closed by {end}")
+        raise DataError(f"{what} block {block[:5].tolist()}... is not opened by {start} and "
+                        f"closed by {end}")
     bins = block[1:-1] - base
     if ((bins < 1) | (bins > NUM_BINS)).any():
-        raise ValueError(f"{what} block has ids outside its {NUM_BINS} bins")
+        raise DataError(f"{what} block has ids outside its {NUM_BINS} bins")
     return bins
 
 

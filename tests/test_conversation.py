@@ -16,7 +16,7 @@ from pipeline.config import ConvConfig
 from pipeline.errors import DataError
 from shards import vocab
 from shards.bins import to_bins
-from shards.conversation import (Codec, action_blocks, blocks_of, episode_samples, episode_tokens,
+from shards.conversation import (Codec, action_blocks, blocks_by_kind, episode_samples, episode_tokens,
                                  image_block, image_blocks, parse_action_blocks, parse_image_block,
                                  split_blocks, vla_sample, wm_sample)
 from shards.tokenizer import fallback_tokenizer
@@ -133,9 +133,9 @@ def test_action_and_state_blocks_parse_back():
     state = vocab.state_block(np.array([3, 1]))
     assert state.tolist() == [15504, 15508, 15506, 16004]
     assert vocab.parse_state_block(state).tolist() == [3, 1]
-    with pytest.raises(ValueError, match="state block has ids outside its 256 bins"):
+    with pytest.raises(DataError, match="state block has ids outside its 256 bins"):
         vocab.parse_state_block([15504, 15505, 16004])           # bin 0
-    with pytest.raises(ValueError, match="not opened by 10004 and closed by 15004"):
+    with pytest.raises(DataError, match="not opened by 10004 and closed by 15004"):
         vocab.parse_action_block([10004, 10006, 8710])
     assert vocab.action_bins_of([0, 10004, 10006, 10261, 15004, -100, 8710]).tolist() == [1, 256]
 
@@ -177,7 +177,7 @@ def test_split_blocks_cuts_a_vla_sample_into_typed_segments():
     actions = [vocab.parse_action_block(s.tokens[a:b]) for k, a, b in segs if k == "action"]
     np.testing.assert_array_equal(np.stack(actions), to_bins(s.chunk.astype(np.float64),
                                                               CODEC.num_bins))
-    images = blocks_of(s.tokens, "image", action_dim=D, state_dim=S)
+    images = blocks_by_kind(s.tokens, action_dim=D, state_dim=S)["image"]
     np.testing.assert_array_equal(parse_image_block(images[-1]), ep.images[1, 1][3:-1]
                                   .reshape(2, 3)[:, :2])
 
@@ -191,7 +191,7 @@ def test_split_blocks_problems():
     assert split_blocks(np.array(bad_grid), action_dim=2, state_dim=S)[1] == [
         "image block at 1 is not 0 tokens closed by 8196"]
     with pytest.raises(DataError, match="does not parse: action block at 1"):
-        blocks_of(np.array(short_action), "action", action_dim=2, state_dim=S)
+        blocks_by_kind(np.array(short_action), action_dim=2, state_dim=S)
 
 
 def test_action_blocks_parse_back_and_list_every_problem():

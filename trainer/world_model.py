@@ -34,7 +34,7 @@ from pipeline.errors import DataError, RynnError
 from pipeline.io import read_json, write_bytes, write_json
 from pipeline.media import png_bytes
 from shards import vocab
-from shards.conversation import assemble, blocks_of, image_blocks, parse_image_block
+from shards.conversation import assemble, blocks_by_kind, image_blocks, parse_image_block
 from shards.reader import read_shard
 from shards.vq_decoder import decode
 from shards.bins import to_bins
@@ -78,11 +78,16 @@ def wm_layout(policy) -> tuple[tuple[int, int], int, int]:
     return (int(h), int(w)), int(raw.get("wm_views", 2)), 3 + int(h) * (int(w) + 1) + 1
 
 
+def sample_blocks(policy, tokens: np.ndarray, start: int = 1) -> dict[str, list[np.ndarray]]:
+    """The blocks of a token sequence from `start` on (1: after BOS), by kind, in order."""
+    card = policy.card
+    return blocks_by_kind(tokens, action_dim=card.action_dim, state_dim=card.state_dim,
+                          start=start)
+
+
 def image_blocks_in(policy, tokens: np.ndarray, start: int = 1) -> list[np.ndarray]:
     """Every image block of a token sequence from `start` on (1: after BOS), in order."""
-    card = policy.card
-    return blocks_of(tokens, "image", action_dim=card.action_dim, state_dim=card.state_dim,
-                     start=start)
+    return sample_blocks(policy, tokens, start)["image"]
 
 
 def block_codes(policy, block: np.ndarray) -> np.ndarray:
@@ -276,11 +281,10 @@ def pick_trajectory(policy, shards: str | Path, steps: int, episode: str | None 
 
 def trajectory_of(policy, episode: str, split: str, samples: list) -> Trajectory:
     views = wm_layout(policy)[1]
-    card, bins, truth = policy.card, [], []
+    bins, truth = [], []
     for s in samples:
-        blocks = image_blocks_in(policy, s.tokens)
-        actions = blocks_of(s.tokens, "action", action_dim=card.action_dim,
-                            state_dim=card.state_dim)
+        parts = sample_blocks(policy, s.tokens)
+        blocks, actions = parts["image"], parts["action"]
         if len(blocks) != 2 * views or len(actions) != 1:
             raise WorldModelError(f"{s.key}: expected {2 * views} image blocks and one action "
                                   f"block, found {len(blocks)} and {len(actions)}")
