@@ -28,13 +28,20 @@ response and its final SEP: one half-open span `[len(BOS + human + SEP), len(seq
     from shards.conversation import episode_tokens, episode_samples
     ep = episode_tokens("ep0", "pick up the bowl", codes, actions, states, tok, codec)
     for sample in episode_samples(ep, codec, cfg.conv, drops): ...
+    segs, problems = split_blocks(sample.tokens, action_dim=7, state_dim=8)   # reading back
+    codes = parse_image_block(sample.tokens[s:e], tok.id_to_image_code)       # one image block
+    bins, problems = parse_action_blocks(response, k, d)                      # a response
+
+Each builder has its parser beside it (the inverse; `shards.vocab` holds the action / state
+block pair): `split_blocks` cuts a sequence into typed segments, `parse_image_block` gives an
+image block's grid back, `parse_action_blocks` a response's K x D bins (listing every problem).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -157,6 +164,151 @@ def assemble(human: list[np.ndarray], response: list[np.ndarray]) -> tuple[np.nd
     head = np.concatenate([[vocab.BOS], *human, [vocab.SEP]]).astype(np.int64)
     tokens = np.concatenate([head, *response, [vocab.SEP]]).astype(np.int64)
     return tokens, [[len(head), len(tokens)]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: the inverses of the builders above, used wherever blocks are read back.
+# ---------------------------------------------------------------------------------------------
+
+SEGMENT_KINDS = ("text", "state", "image", "action", "sep")
+
+
+class Segment(NamedTuple):
+    kind: str       # "text", "state", "image", "action" or "sep"
+    start: int
+    end: int        # half-open
+
+
+def image_block_length(tokens: np.ndarray, i: int) -> int:
+    """Length of the image block starting at i, read from its grid tokens (0 when unreadable)."""
+    if i + 2 >= len(tokens):
+        return 0
+    grid = np.asarray(tokens[i + 1:i + 3], dtype=np.int64) - vocab.IMAGE_GRID_BASE
+    if (grid < 1).any() or (grid > 64).any():
+        return 0
+    h, w = vocab.block_grid(tokens[i + 1], tokens[i + 2])
+    return 3 + h * (w + 1) + 1
+
+
+def split_blocks(tokens: np.ndarray, *, action_dim: int, state_dim: int, start: int = 1
+                 ) -> tuple[list[Segment], list[str]]:
+    """A token sequence from `start` on (1: after BOS) -> its segments in order, and the problem
+    that stopped the parse (none for a well-formed sequence). Image blocks take the length their
+    grid tokens say, action / state blocks D + 2 / S + 2 tokens; each must end with its end
+    marker. Text runs to the next block or SEP. Block contents are not checked here."""
+    blocks = {vocab.IMAGE_START: ("image", 0, vocab.IMAGE_END),
+              vocab.ACTION_START: ("action", action_dim + 2, vocab.ACTION_END),
+              vocab.STATE_START: ("state", state_dim + 2, vocab.STATE_END)}
+    segs: list[Segment] = []
+    i, n = start, len(tokens)
+    while i < n:
+        t = int(tokens[i])
+        if t in blocks:
+            kind, length, end = blocks[t]
+            if kind == "image":
+                length = image_block_length(tokens, i)
+            if i + length > n or tokens[i + length - 1] != end:
+                return segs, [f"{kind} block at {i} is not {length} tokens closed by {end}"]
+            segs.append(Segment(kind, i, i + length))
+            i += length
+        elif t == vocab.SEP:
+            segs.append(Segment("sep", i, i + 1))
+            i += 1
+        else:
+            j = i
+            while j < n and int(tokens[j]) not in blocks and tokens[j] != vocab.SEP:
+                j += 1
+            segs.append(Segment("text", i, j))
+            i = j
+    return segs, []
+
+
+def blocks_by_kind(tokens: np.ndarray, *, action_dim: int, state_dim: int, start: int = 1
+                   ) -> dict[str, list[np.ndarray]]:
+    """The blocks of a well-formed sequence by segment kind, each list in order (every kind a
+    key, empty when absent); DataError when the sequence does not parse."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    segs, problems = split_blocks(tokens, action_dim=action_dim, state_dim=state_dim, start=start)
+    if problems:
+        raise DataError(f"token sequence does not parse: {problems[0]}")
+    out: dict[str, list[np.ndarray]] = {k: [] for k in SEGMENT_KINDS}
+    for kind, s, e in segs:
+        out[kind].append(tokens[s:e])
+    return out
+
+
+def parse_image_block(block: np.ndarray, id_to_code: np.ndarray | None = None) -> np.ndarray:
+    """One image block -> its (rows, cols) grid (shape from its grid tokens): codebook indices
+    through `id_to_code` (the tokenizer's id -> code map), or the token ids when it is None. The
+    inverse of `image_block`. DataError when the block is malformed or (with a map) holds an id
+    that is no image code."""
+    block = np.asarray(block, dtype=np.int64)
+    n = image_block_length(block, 0) if len(block) and block[0] == vocab.IMAGE_START else 0
+    if n == 0 or n != len(block) or block[-1] != vocab.IMAGE_END:
+        raise DataError(f"not an image block of the length its grid tokens give: "
+                        f"{block[:5].tolist()}... ({len(block)} tokens)")
+    h, w = vocab.block_grid(block[1], block[2])
+    rows = block[3:-1].reshape(h, w + 1)
+    if (rows[:, -1] != vocab.IMAGE_ROW_END).any():
+        raise DataError("image row not closed by the row-end token")
+    ids = rows[:, :-1]
+    if id_to_code is None:
+        return ids
+    codes = np.asarray(id_to_code)[ids]
+    if (codes < 0).any():
+        raise DataError(f"image block holds non-image-code ids {ids[codes < 0][:5].tolist()}")
+    return codes
+
+
+def parse_action_blocks(tokens: np.ndarray, k: int, d: int) -> tuple[np.ndarray, list[str]]:
+    """A response's tokens (up to and excluding SEP) -> (bins (n, d), problems); the inverse of
+    `action_blocks`, lenient: generated responses may be malformed.
+
+    The expected shape is exactly `k` blocks `[ACTION_START, d bin tokens, ACTION_END]` and
+    nothing else. Every deviation is listed in `problems`; well-formed blocks are still returned.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    problems, blocks, i = [], [], 0
+    while i < len(tokens):
+        if tokens[i] != vocab.ACTION_START:
+            j = i + int(np.argmax(np.append(tokens[i:], vocab.ACTION_START) == vocab.ACTION_START))
+            problems.append(f"{j - i} token(s) outside action blocks at positions {i}..{j - 1}: "
+                            f"{tokens[i:min(j, i + 5)].tolist()}{' ...' if j - i > 5 else ''}")
+            i = j
+            continue
+        end, closed = _block_end(tokens, i)
+        body = tokens[i + 1:end]
+        problems += _block_problems(body, len(blocks), d, closed)
+        if closed and len(body) == d and vocab.is_action_bin(body).all():
+            blocks.append(body - vocab.ACTION_BIN_BASE)
+        i = end + 1 if closed else end
+    if len(blocks) != k:
+        problems.append(f"{len(blocks)} well-formed action blocks, expected K={k}")
+    bins = np.stack(blocks) if blocks else np.zeros((0, d), np.int64)
+    return bins, problems
+
+
+def _block_end(tokens: np.ndarray, start: int) -> tuple[int, bool]:
+    """(index where the block's body ends, closed by ACTION_END?); a new ACTION_START or the end
+    of the tokens also ends it, unclosed."""
+    for j in range(start + 1, len(tokens)):
+        if tokens[j] == vocab.ACTION_END:
+            return j, True
+        if tokens[j] == vocab.ACTION_START:
+            return j, False
+    return len(tokens), False
+
+
+def _block_problems(body: np.ndarray, index: int, d: int, closed: bool) -> list[str]:
+    out = []
+    if not closed:
+        out.append(f"action block {index} is not closed by ACTION_END")
+    if len(body) != d:
+        out.append(f"action block {index} has {len(body)} tokens inside, expected D={d}")
+    bad = body[~vocab.is_action_bin(body)]
+    if len(bad):
+        out.append(f"action block {index} holds non-bin token(s) {bad[:5].tolist()}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

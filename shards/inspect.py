@@ -14,7 +14,6 @@ code grids are drawn as colour maps instead.
 
 from __future__ import annotations
 
-import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,15 @@ import numpy as np
 from pipeline.errors import DataError, RynnError
 from pipeline.io import read_json
 from shards import vocab
-from shards.format import MANIFEST, parse_members
-from shards.remote import RemoteShardSet, is_url
-from shards.tokenizer import TextTokenizer, fallback_tokenizer, load_text_tokenizer
-from shards.verify import Layout, read_samples, segments, shard_bytes
 from shards.bins import from_bins
+from shards.conversation import parse_image_block, split_blocks
+from shards.format import MANIFEST, parse_members
+from shards.records import TokenizerRecord, VQRecord
+from shards.remote import RemoteShardSet, is_url
+from shards.tokenizer import TextTokenizer, TokenizerMismatch, load_tokenizer_from_record
+from shards.verify import Layout, read_samples, shard_bytes
+from shards.vq import load_vq_from_record
+from shards.vq_decoder import DecoderError, decode
 
 COLOURS = {"bos": "#444444", "text": "#4e79a7", "state": "#59a14f", "image": "#f28e2b",
            "action": "#e15759", "sep": "#111111"}
@@ -60,30 +63,21 @@ def find_sample(root: Path, manifest: dict[str, Any], kind: str, index: int,
 
 def manifest_tokenizer(manifest: dict[str, Any]) -> TextTokenizer | None:
     """The tokenizer the shards were made with, or None when its file is not available."""
-    info = manifest["tokenizer"]
-    if info["kind"] == "fallback":
-        return fallback_tokenizer(warn=False)
-    path = info.get("path")
-    if not path or not Path(path).is_file():
+    try:
+        return load_tokenizer_from_record(TokenizerRecord.from_json(manifest["tokenizer"]))
+    except TokenizerMismatch:
         return None
-    tok = load_text_tokenizer(path)
-    return tok if tok.digest == info["digest"] else None
 
 
 def load_decoder(manifest: dict[str, Any], vq_path: str | None) -> tuple[Any, str]:
     """(VQ handle or None, a note for the figure)."""
-    from shards.vq import load_vq
-    vq = manifest.get("vq", {})
-    if vq_path is None:
-        m = re.fullmatch(r"random-(\w+)-seed(\d+)", str(vq.get("source")))
-        if not m:
-            return None, "no VQ weights given (--vq-path): code grids shown as colour maps"
-        handle = load_vq(None, random_arch=m.group(1), seed=int(m.group(2)), device="cpu")
-        note = "images decoded by a RANDOM-INIT (untrained) VQ-GAN decoder: pixels mean nothing"
-    else:
-        handle = load_vq(vq_path, device="cpu")
-        note = f"decoded with {vq_path}"
-    if handle.digest != vq.get("digest"):
+    record = VQRecord.from_json(manifest["vq"])
+    if vq_path is None and not record.untrained:
+        return None, "no VQ weights given (--vq-path): code grids shown as colour maps"
+    handle = load_vq_from_record(record, vq_path, device="cpu", check=False)
+    note = (f"decoded with {vq_path}" if vq_path is not None else
+            "images decoded by a RANDOM-INIT (untrained) VQ-GAN decoder: pixels mean nothing")
+    if handle.digest != record.digest:
         note += " (WARNING: VQ digest differs from the one the shards were made with)"
     return handle, note
 
@@ -92,19 +86,13 @@ def image_codes(tokens: np.ndarray, segs: list, tok: TextTokenizer | None
                 ) -> list[np.ndarray]:
     """Codebook grids (rows, cols) of every image block, the shape read from its grid tokens
     (non-square under the published fitting); token ids when the map is unknown."""
-    out = []
-    for kind, s, e in segs:
-        if kind == "image":
-            h, w = vocab.block_grid(tokens[s + 1], tokens[s + 2])
-            ids = tokens[s + 3:e - 1].reshape(h, w + 1)[:, :-1].astype(np.int64)
-            out.append(tok.id_to_image_code[ids] if tok is not None else ids)
-    return out
+    id_to_code = tok.id_to_image_code if tok is not None else None
+    return [parse_image_block(tokens[s:e], id_to_code) for kind, s, e in segs if kind == "image"]
 
 
 def decode_images(grids: list[np.ndarray], handle, mapped: bool) -> list[np.ndarray] | None:
     if handle is None or not mapped or not grids:
         return None
-    from shards.vq_decoder import DecoderError, decode
     try:
         if len({g.shape for g in grids}) == 1:
             return list(decode(handle, np.stack(grids)))
@@ -128,8 +116,10 @@ def image_labels(meta: dict[str, Any], n: int) -> list[str]:
     return [f"front t={j}", f"wrist t={j}", f"next front t={j + 1}", f"next wrist t={j + 1}"]
 
 
-def bins_of(tokens: np.ndarray, segs: list, kind: str, base: int, num_bins: int) -> np.ndarray:
-    rows = [tokens[s + 1:e - 1].astype(np.int64) - base for k, s, e in segs if k == kind]
+def bins_of(tokens: np.ndarray, segs: list, kind: str, num_bins: int) -> np.ndarray:
+    """Bin centres (blocks, dims) of every "state" or "action" block."""
+    parse = vocab.parse_state_block if kind == "state" else vocab.parse_action_block
+    rows = [parse(tokens[s:e]) for k, s, e in segs if k == kind]
     return from_bins(np.stack(rows), num_bins) if rows else np.zeros((0, 0))
 
 
@@ -149,7 +139,7 @@ def draw_segments(ax, segs: list, length: int, targets: list) -> None:
 
 def draw(sample: dict[str, Any], pictures: list[np.ndarray], note: str, state: np.ndarray,
          actions: np.ndarray, segs: list, out_png: Path) -> None:
-    import matplotlib
+    import matplotlib               # heavy, and only this command draws: imported when drawing
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     meta, tokens = sample["meta"], sample["tokens"]
@@ -205,7 +195,7 @@ def inspect(directory: str | Path, out_png: str | Path, *, index: int = 0, kind:
     lay = Layout.from_manifest(manifest)
     sample = find_sample(root, manifest, kind, index, remote)
     tokens = sample["tokens"].astype(np.int64)
-    segs, problems = segments(tokens, lay)
+    segs, problems = split_blocks(tokens, action_dim=lay.action_dim, state_dim=lay.state_dim)
     if problems:
         raise DataError(f"sample {sample['key']} does not parse: {problems[0]}", file=str(root))
     tok = manifest_tokenizer(manifest)
@@ -214,9 +204,9 @@ def inspect(directory: str | Path, out_png: str | Path, *, index: int = 0, kind:
     pictures = decode_images(grids, handle, tok is not None)
     if pictures is None:
         pictures, note = grids, note + "; images drawn as code maps (no decoder or code map)"
-    state = bins_of(tokens, segs, "state", vocab.STATE_BIN_BASE, lay.num_bins)
+    state = bins_of(tokens, segs, "state", lay.num_bins)
     actions = sample["chunk"] if sample["chunk"] is not None else bins_of(
-        tokens, segs, "action", vocab.ACTION_BIN_BASE, lay.num_bins)
+        tokens, segs, "action", lay.num_bins)
     draw(sample, pictures, note, state, np.asarray(actions), segs, out_png)
     return out_png
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from pipeline.errors import DataError
 from pipeline.io import sha256_file
 from pipeline.progress import console
 from shards import vocab
+from shards.records import TokenizerRecord
 
 IMAGE_NAME_PREFIX = "IMGIMG"
 IMAGE_NAME_DIGITS = "ABCDEFGHIJ"          # letter i stands for digit i
@@ -79,9 +80,10 @@ class TextTokenizer:
                             f"{self.kind} tokenizer must keep text out of the special ranges")
         return ids
 
-    def describe(self) -> dict[str, Any]:
-        """What the shard manifest records about the tokenizer."""
-        return {"kind": self.kind, "digest": self.digest, "path": self.path}
+    @property
+    def record(self) -> TokenizerRecord:
+        """What the shard manifest and checkpoint card record about the tokenizer."""
+        return TokenizerRecord(kind=self.kind, digest=self.digest, path=self.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +168,34 @@ def load_text_tokenizer(path: str | Path | None) -> TextTokenizer:
                          id_to_image_code=invert_code_map(code_to_id),
                          _encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
                          path=str(path))
+
+
+class TokenizerMismatch(DataError):
+    """The tokenizer a record names is not available, or the one given has another digest."""
+
+
+def load_tokenizer_from_record(record: TokenizerRecord, path: str | Path | None = None
+                               ) -> TextTokenizer:
+    """The text tokenizer a manifest or card record names: `path` when given, else the fallback
+    or the recorded file. Raises `TokenizerMismatch` when the record's file is not available or
+    the tokenizer's digest differs from the record's (its text and image ids would mean other
+    tokens)."""
+    if path is None and record.kind == "fallback":
+        tok = fallback_tokenizer(warn=False)
+    elif path is None and record.path and Path(record.path).is_file():
+        tok = load_text_tokenizer(record.path)
+    elif path is None:
+        raise TokenizerMismatch(f"these tokens were made with the Chameleon tokenizer (sha256 "
+                                f"{record.digest}) and {record.path!r} is not available; pass "
+                                "tokenizer_path / --tokenizer-path")
+    else:
+        tok = load_text_tokenizer(path)
+    if tok.digest != record.digest:
+        raise TokenizerMismatch(f"tokenizer {path or record.path or tok.kind} has digest "
+                                f"{tok.digest}, but the tokens were made with {record.digest}: "
+                                "its text and image ids would mean other tokens; pass the "
+                                "tokenizer used to build the shards")
+    return tok
 
 
 def fallback_encode(text: str) -> list[int]:

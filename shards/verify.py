@@ -9,6 +9,12 @@ num_bins, end marker; text ids outside every special range); the segment order o
 (SPEC.md 6); targets = exactly the response plus its final SEP; the VLA chunk (K, D) float32 in
 [-1, 1] and consistent with the action bins; per-shard and total counts.
 
+The cut of a sequence into segments is the shared parser `shards.conversation.split_blocks` (the
+one every reader uses, so verify checks what readers will see; it trusts nothing: an unreadable
+block is a problem). The checks of each segment's contents, the order and the targets are verify's
+own, written from SPEC.md independently of the builders, and the tar members are read with
+`tarfile`, a second reading beside `shards.reader`.
+
     from shards.verify import verify
     report = verify("out/demo/shards")      # report.problems == [] when everything is right
     rynn-pipe verify out/demo/shards         # exits non-zero on any problem
@@ -34,7 +40,7 @@ from pipeline.cache import output_problem
 from pipeline.errors import DataError
 from pipeline.io import dumps_json, sha256_bytes
 from shards import vocab
-from shards.conversation import VLA
+from shards.conversation import VLA, split_blocks
 from shards.format import CHUNK, MANIFEST, META, SCHEMA, TOKENS, manifest_digest, parse_members
 from shards.remote import RemoteShardSet, is_url
 from shards.tokenizer import special_mask
@@ -106,46 +112,6 @@ def bin_block_problems(block: np.ndarray, base: int, num_bins: int, what: str) -
     return []
 
 
-def segments(tokens: np.ndarray, lay: Layout) -> tuple[list[tuple[str, int, int]], list[str]]:
-    """[(segment kind, start, end)] after BOS, and layout problems found while parsing."""
-    blocks = {vocab.IMAGE_START: ("image", 0, vocab.IMAGE_END),  # length from its grid tokens
-              vocab.ACTION_START: ("action", lay.action_dim + 2, vocab.ACTION_END),
-              vocab.STATE_START: ("state", lay.state_dim + 2, vocab.STATE_END)}
-    segs: list[tuple[str, int, int]] = []
-    i, n = 1, len(tokens)
-    while i < n:
-        t = int(tokens[i])
-        if t in blocks:
-            kind, length, end = blocks[t]
-            if kind == "image":
-                length = image_length(tokens, i)
-            if i + length > n or tokens[i + length - 1] != end:
-                return segs, [f"{kind} block at {i} is not {length} tokens closed by {end}"]
-            segs.append((kind, i, i + length))
-            i += length
-        elif t == vocab.SEP:
-            segs.append(("sep", i, i + 1))
-            i += 1
-        else:
-            j = i
-            while j < n and int(tokens[j]) not in blocks and tokens[j] != vocab.SEP:
-                j += 1
-            segs.append(("text", i, j))
-            i = j
-    return segs, []
-
-
-def image_length(tokens: np.ndarray, i: int) -> int:
-    """Length of the image block starting at i, read from its grid tokens (0 when unreadable)."""
-    if i + 2 >= len(tokens):
-        return 0
-    grid = tokens[i + 1:i + 3] - vocab.IMAGE_GRID_BASE
-    if (grid < 1).any() or (grid > 64).any():
-        return 0
-    h, w = vocab.block_grid(tokens[i + 1], tokens[i + 2])
-    return 3 + h * (w + 1) + 1
-
-
 def segment_problems(tokens: np.ndarray, segs: list[tuple[str, int, int]], lay: Layout
                      ) -> list[str]:
     out = []
@@ -178,7 +144,7 @@ def token_problems(tokens: np.ndarray, meta: dict[str, Any], lay: Layout) -> lis
     tokens = tokens.astype(np.int64)
     if tokens[0] != vocab.BOS:
         return ["first token is not BOS"]
-    segs, out = segments(tokens, lay)
+    segs, out = split_blocks(tokens, action_dim=lay.action_dim, state_dim=lay.state_dim)
     if out:
         return out
     out += segment_problems(tokens, segs, lay)
@@ -198,8 +164,7 @@ def chunk_problems(chunk: np.ndarray | None, tokens: np.ndarray, lay: Layout) ->
                 f"{chunk.shape}"]
     if not np.isfinite(chunk).all() or np.abs(chunk).max() > 1:
         return ["chunk values outside [-1, 1]"]
-    ids = tokens.astype(np.int64)
-    bins = ids[vocab.is_action_bin(ids)] - vocab.ACTION_BIN_BASE
+    bins = vocab.action_bins_of(tokens)
     if bins.size != chunk.size:
         return ["chunk size does not match the action tokens"]
     half = 1.0 / (lay.num_bins - 1) + 1e-5

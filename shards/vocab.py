@@ -2,11 +2,14 @@
 
     from shards import vocab
     vocab.action_block(bins)   # [10004, 10005+d..., 15004]
+    vocab.parse_action_block(block)   # its inverse: the bins back (DataError when malformed)
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from pipeline.errors import DataError
 
 VOCAB_SIZE = 65536
 
@@ -74,6 +77,35 @@ def _block(bins: np.ndarray, start: int, base: int, end: int) -> np.ndarray:
     if bins.size and (bins.min() < 1 or bins.max() > NUM_BINS):
         raise ValueError(f"bin indices must be in 1..{NUM_BINS}, got {bins.min()}..{bins.max()}")
     return np.concatenate([[start], base + bins, [end]]).astype(np.int64)
+
+
+def parse_action_block(block: np.ndarray) -> np.ndarray:
+    """One action block [ACTION_START, 10005 + d..., ACTION_END] -> its bins d (D,) in 1..256;
+    the inverse of `action_block`. Raises DataError naming what is wrong."""
+    return _parse_block(block, ACTION_START, ACTION_BIN_BASE, ACTION_END, "action")
+
+
+def parse_state_block(block: np.ndarray) -> np.ndarray:
+    """One state block -> its bins (S,); the inverse of `state_block`."""
+    return _parse_block(block, STATE_START, STATE_BIN_BASE, STATE_END, "state")
+
+
+def _parse_block(block: np.ndarray, start: int, base: int, end: int, what: str) -> np.ndarray:
+    block = np.asarray(block, dtype=np.int64)
+    if len(block) < 2 or block[0] != start or block[-1] != end:
+        raise DataError(f"{what} block {block[:5].tolist()}... is not opened by {start} and "
+                        f"closed by {end}")
+    bins = block[1:-1] - base
+    if ((bins < 1) | (bins > NUM_BINS)).any():
+        raise DataError(f"{what} block has ids outside its {NUM_BINS} bins")
+    return bins
+
+
+def action_bins_of(ids: np.ndarray) -> np.ndarray:
+    """The bins (1..256) of every action-bin id in `ids`, in order (markers and other ids
+    skipped): the K x D bins of a response, flattened."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return ids[is_action_bin(ids)] - ACTION_BIN_BASE
 
 
 def is_image_code(ids: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.errors import DataError
 from pipeline.progress import console
+from shards.records import VQRecord
 from shards.vq_arch import (DDCONFIG_KEYS, RANDOM_ARCHS, CheckpointError, arch_from_hf, check_state,
                             checked_arch, hf_config, preview)
 from shards.vq_decoder import build_decoder, check_decoder_state
@@ -56,13 +57,30 @@ class VQHandle:
     """A loaded VQ-GAN: the transformers module plus what the store records about it."""
 
     model: torch.nn.Module                    # transformers ChameleonVQVAE, eval mode
-    digest: str                               # sha256 of the VQ module's state dict
-    untrained: bool                           # True for a random init: tokens mean nothing
-    arch: dict[str, Any]                      # original yaml field names (see FULL_ARCH)
-    source: str                               # "original", "hf" or "random-<arch>-seed<n>"
+    record: VQRecord                          # identity, digest and architecture
     decoder_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # e.g. the built decoder
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the VQ module's state dict."""
+        return self.record.digest
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        """Original yaml field names (see FULL_ARCH)."""
+        return self.record.arch
+
+    @property
+    def untrained(self) -> bool:
+        """True for a random init: its tokens mean nothing."""
+        return self.record.untrained
+
+    @property
+    def source(self) -> str:
+        """"original", "hf" or "random-<arch>-seed<n>" (the identity string of store.json)."""
+        return self.record.source
 
     @property
     def grid(self) -> int:
@@ -105,6 +123,28 @@ def load_vq(path: str | Path | None, *, random_arch: str = "full", seed: int = 0
     return to_device(handle, device)
 
 
+class VQMismatch(DataError):
+    """The VQ-GAN at hand is not the one a record names (its digest differs), or the record
+    names weights whose path was not given."""
+
+
+def load_vq_from_record(record: VQRecord, path: str | Path | None = None, *,
+                        device: str | torch.device = "auto", check: bool = True) -> VQHandle:
+    """The VQ-GAN a manifest or card record names: the weights at `path` when given, else the
+    seeded random init the record describes (a record of weights needs `path`). With `check`,
+    a digest other than the record's raises `VQMismatch`; without, the caller compares."""
+    if path is None and not record.untrained:
+        raise VQMismatch(f"these image tokens come from VQ-GAN weights ({record.format} format, "
+                         f"digest {record.digest}); pass their path (vq_path / --vq-path)")
+    handle = (load_vq(path, device=device) if path is not None else
+              load_vq(None, random_arch=record.name, seed=record.seed, device=device))
+    if check and handle.digest != record.digest:
+        raise VQMismatch(f"VQ-GAN {path or record.source} has digest {handle.digest}, but the "
+                         f"tokens were made with {record.digest}: its image tokens would differ; "
+                         "pass the VQ-GAN used by the pretokenize stage")
+    return handle
+
+
 def to_device(handle: VQHandle, device: str | torch.device) -> VQHandle:
     dev = resolve_device(device)
     handle.model.to(dev)
@@ -137,8 +177,9 @@ def random_vq(arch: dict[str, Any], seed: int, *, name: str = "custom") -> VQHan
         console.print(f"[bold red]WARNING: UNTRAINED TOKENIZER[/]: no VQ-GAN weights given "
                       f"(image.vq_path), using a random-init '{name}' VQ-GAN (seed {seed}). "
                       "Image tokens carry no visual meaning; set image.vq_path for real tokens.")
-    return VQHandle(model=model, digest=state_digest(model.state_dict()), untrained=True,
-                    arch=arch, source=f"random-{name}-seed{seed}", decoder_state=decoder_state)
+    record = VQRecord(kind="random", digest=state_digest(model.state_dict()), arch=arch,
+                      name=name, seed=seed)
+    return VQHandle(model=model, record=record, decoder_state=decoder_state)
 
 
 def _load_path(path: Path) -> VQHandle:
@@ -210,8 +251,9 @@ def load_original(yaml_path: Path, ckpt_path: Path) -> VQHandle:
     load_strict(model, vq_state, arch, where=str(ckpt_path))
     if decoder_state:
         check_decoder_state(decoder_state, arch, where=str(ckpt_path))
-    return VQHandle(model=model, digest=state_digest(model.state_dict()), untrained=False,
-                    arch=arch, source="original", decoder_state=decoder_state or None)
+    record = VQRecord(kind="weights", digest=state_digest(model.state_dict()), arch=arch,
+                      format="original")
+    return VQHandle(model=model, record=record, decoder_state=decoder_state or None)
 
 
 def split_original_keys(state: dict[str, torch.Tensor]
@@ -254,8 +296,9 @@ def load_hf(path: Path) -> VQHandle:
                               "checkpoint does not include the VQ model", file=str(path))
     model = build_model(arch)
     load_strict(model, state, arch, where=str(path))
-    return VQHandle(model=model, digest=state_digest(model.state_dict()), untrained=False,
-                    arch=arch, source="hf", decoder_state=None)
+    record = VQRecord(kind="weights", digest=state_digest(model.state_dict()), arch=arch,
+                      format="hf")
+    return VQHandle(model=model, record=record, decoder_state=None)
 
 
 def read_hf_vq_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from pipeline.splits import TRAIN, VAL, coarse, episode_splits
 from shards.conversation import (DEFAULT_RULES, KINDS, VLA, WM, Codec, Rules, episode_samples,
                                  episode_tokens)
 from shards.format import MANIFEST, SCHEMA, STATS, manifest_digest, vocab_facts
+from shards.records import VQRecord
 from shards.tokenizer import TextTokenizer, load_text_tokenizer
 from shards.writer import ShardSetWriter, totals
 from shards.bins import Stats
@@ -137,15 +138,14 @@ def drop_summary(drops: Counter) -> dict[str, dict[str, int]]:
 def shard_manifest(cfg: RunConfig, entries: list[dict], stats_bytes: bytes, stats: Stats,
                    tokenizer: TextTokenizer, store: dict[str, Any], rows: list[dict],
                    split: dict[str, str], drops: Counter, dims: dict[str, int]) -> dict[str, Any]:
-    vq = store.get("vq", {})
     per_camera = dims.pop("per_camera_wm", False)
     out = {
         "schema": SCHEMA, "format": "rynn-shards", "recipe": cfg.recipe,
         "config": select(cfg, FIELDS), "shards": entries, "totals": totals(entries),
         "stats": {"path": STATS, "sha256": sha256_bytes(stats_bytes), "source": stats.source},
-        "tokenizer": tokenizer.describe(),
-        "vq": {"digest": vq.get("digest"), "untrained": vq.get("untrained"),
-               "source": vq.get("source"), "arch": vq.get("arch")},
+        "tokenizer": tokenizer.record.to_json(),
+        # store.json keeps its earlier string form (its bytes are the codes store's identity)
+        "vq": VQRecord.from_json(store["vq"]).to_json(),
         "vocab": vocab_facts(int(store["resolution"])),
         # how raw camera frames became these tokens: what inference must do to match training
         "images": {"orientation": store.get("orientation"), "views": store.get("views"),

@@ -25,12 +25,15 @@ from pipeline.io import load_npz, read_json
 from pipeline.workflow import resolve_config, tokenize
 from shards import vocab
 from shards.reader import read_shard
+from shards.tokenizer import TokenizerMismatch, load_tokenizer_from_record
+from shards.vq import VQMismatch, load_vq_from_record
 from shards.bins import from_bins, unnormalize
-from trainer import card as card_mod
 from trainer import engine
 from trainer import policy as pol
+from trainer import card as card_mod
 from trainer.card import MalformedActions, PolicyError
-from trainer.engine import attention_rule, parse_action_blocks
+from shards.conversation import parse_action_blocks
+from trainer.engine import attention_rule
 from trainer.policy import Policy
 from trainer.checkpoint import processor_card, save
 from trainer.config import PRESETS, resolve_train_config
@@ -200,13 +203,25 @@ def test_refuses_mismatched_inputs(ckpt, tmp_path):
         policy.act(**{**inputs, "prev_wrist": None})
     with pytest.raises(PolicyError, match="uint8"):
         policy.act(**{**inputs, "front": inputs["front"].astype(np.float32)})
-    with pytest.raises(PolicyError, match="VQ-GAN .* digest"):
-        other_vq = {**policy.card.vq, "source": "random-small-seed1"}
-        card_mod.load_vq_for(replace(policy.card, vq=other_vq), None, torch.device("cpu"))
+    with pytest.raises(VQMismatch, match="VQ-GAN random-small-seed1 has digest .* made with"):
+        load_vq_from_record(replace(policy.card.vq, seed=1), device="cpu")
+    with pytest.raises(VQMismatch, match="weights .* pass their path"):
+        load_vq_from_record(replace(policy.card.vq, kind="weights", format="hf"), device="cpu")
     from fixtures_tokenizer import write_tokenizer
     path, _ = write_tokenizer(tmp_path / "text_tokenizer.json", seed=0)
-    with pytest.raises(PolicyError, match="tokenizer .* digest"):
-        card_mod.load_tokenizer_for(policy.card, path)
+    with pytest.raises(TokenizerMismatch, match="tokenizer .* digest"):
+        load_tokenizer_from_record(policy.card.tokenizer, path)
+
+
+def test_cards_with_a_string_only_vq_record_still_load(ckpt):
+    run, _ = ckpt
+    step = card_mod.resolve_checkpoint(run)
+    doc = read_json(step / "processor.json")
+    assert doc["vq"]["kind"] == "random" and doc["vq"]["name"] == "small"     # new cards
+    legacy = {k: doc["vq"][k] for k in ("arch", "digest", "source", "untrained")}
+    old = card_mod.parse_card({**doc, "vq": legacy}, where="an earlier card")
+    assert old.vq == card_mod.read_card(step).vq and old.vq.seed == 0
+    assert load_vq_from_record(old.vq, device="cpu").digest == doc["vq"]["digest"]
 
 
 def test_attention_rule_hides_earlier_action_blocks():

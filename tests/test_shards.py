@@ -204,6 +204,9 @@ def test_counts_splits_and_manifest(built):
     assert manifest["splits"]["val_tasks"] == ["open_drawer"]
     assert manifest["tokenizer"]["kind"] == "chameleon"
     assert manifest["vocab"]["tokens_per_image"] == 10 and manifest["vq"]["untrained"] is True
+    # store.json's string-only VQ identity becomes the structured record (earlier fields kept)
+    assert manifest["vq"] == {"kind": "random", "name": "small", "seed": 0, "digest": "abc",
+                              "arch": {}, "untrained": True, "source": "random-small-seed0"}
     _, meta, _ = stored(out, "vla", "open_drawer_demo__demo_1__000000")
     assert meta["split"] == "val"
     assert (out / "stats.json").read_bytes() == (dirs["fit"] / "stats.json").read_bytes()

@@ -5,27 +5,26 @@
     card.chunk, card.action_dim, card.resolution, card.orientation, card.stats
 
 `processor.json` (written by `trainer.checkpoint.processor_card`) records the shard manifest's
-digest, the stats, the tokenizer and VQ-GAN records, the vocabulary facts, recipe, K, D, M,
-resolution and orientation. `load_tokenizer_for` / `load_vq_for` load the text tokenizer and the
-VQ-GAN it names and refuse any whose digest differs. This module knows nothing of models.
+digest, the stats, the tokenizer and VQ-GAN records (`shards.records`, read into `card.tokenizer`
+and `card.vq`; cards of earlier versions with a string-only VQ record are read too), the
+vocabulary facts, recipe, K, D, M, resolution and orientation. The text tokenizer and the VQ-GAN
+it names are loaded, digest-checked, by `shards.tokenizer.load_tokenizer_from_record` and
+`shards.vq.load_vq_from_record`. This module knows nothing of models.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from pipeline.errors import RynnError
+from pipeline.errors import DataError, RynnError
+from pipeline.io import read_json
 from shards.bins import Stats
 from shards.conversation import Codec
-
-RANDOM_VQ_SOURCE = re.compile(r"random-(\w+)-seed(\d+)")
-
+from shards.records import TokenizerRecord, VQRecord
 
 ORIENTATIONS = ("rot180", "none")
 
@@ -53,8 +52,8 @@ class Card:
     state_dim: int
     history: int                     # M
     stats: Stats
-    tokenizer: dict[str, Any]        # {"kind", "digest", "path"}
-    vq: dict[str, Any]               # {"digest", "untrained", "source", "arch"}
+    tokenizer: TokenizerRecord       # load with shards.tokenizer.load_tokenizer_from_record
+    vq: VQRecord                     # load with shards.vq.load_vq_from_record
     recipe: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -90,44 +89,6 @@ class Card:
                               f"{self.state_dim} / action_dim {self.action_dim}")
 
 
-def load_tokenizer_for(card: Card, path: str | Path | None):
-    """The text tokenizer the card names: `path`, the recorded path, or the fallback."""
-    from shards.tokenizer import fallback_tokenizer, load_text_tokenizer
-    want = card.tokenizer.get("digest")
-    if path is None and card.tokenizer.get("kind") == "fallback":
-        tok = fallback_tokenizer(warn=False)
-    elif path is None and card.tokenizer.get("path") and Path(card.tokenizer["path"]).is_file():
-        tok = load_text_tokenizer(card.tokenizer["path"])
-    elif path is None:
-        raise PolicyError(f"this checkpoint was trained with the Chameleon tokenizer "
-                          f"(sha256 {want}); pass tokenizer_path / --tokenizer-path")
-    else:
-        tok = load_text_tokenizer(path)
-    if tok.digest != want:
-        raise PolicyError(f"tokenizer {path or card.tokenizer.get('path') or tok.kind} has digest "
-                          f"{tok.digest}, but the checkpoint was trained with {want}: its text "
-                          "and image ids would mean other tokens; pass the tokenizer used to "
-                          "build the training shards")
-    return tok
-
-
-def load_vq_for(card: Card, path: str | Path | None, device: torch.device):
-    """The VQ-GAN the card names (a path, or the seeded random init it records); digest-checked."""
-    from shards.vq import load_vq
-    want, source = card.vq.get("digest"), str(card.vq.get("source") or "")
-    match = RANDOM_VQ_SOURCE.fullmatch(source)
-    if path is None and not match:
-        raise PolicyError(f"this checkpoint's image tokens come from VQ-GAN {source!r} (digest "
-                          f"{want}); pass vq_path / --vq-path")
-    handle = (load_vq(path, device=device) if path is not None else
-              load_vq(None, random_arch=match.group(1), seed=int(match.group(2)), device=device))
-    if handle.digest != want:
-        raise PolicyError(f"VQ-GAN {path or source} has digest {handle.digest}, but the "
-                          f"checkpoint's shards were tokenized with {want}: its image tokens "
-                          "would differ; pass the VQ-GAN used by the pretokenize stage")
-    return handle
-
-
 CARD_FILE = "processor.json"
 
 
@@ -149,7 +110,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_card(step_dir: Path) -> Card:
     """Parse `processor.json` into a Card (missing fields are named in the error)."""
-    from pipeline.io import read_json
     return parse_card(read_json(step_dir / CARD_FILE), where=str(step_dir / CARD_FILE))
 
 
@@ -160,7 +120,10 @@ def parse_card(doc: dict[str, Any], where: str) -> Card:
         return Card(resolution=int(doc["resolution"]), orientation=str(doc["orientation"]),
                     chunk=int(doc["K"]), action_dim=int(doc["D"]),
                     state_dim=int(doc.get("state_dim", stats.state.dim)),
-                    history=int(doc["M"]), stats=stats, tokenizer=dict(doc["tokenizer"]),
-                    vq=dict(doc["vq"]), recipe=str(doc.get("recipe", "")), raw=doc)
+                    history=int(doc["M"]), stats=stats,
+                    tokenizer=TokenizerRecord.from_json(doc["tokenizer"]),
+                    vq=VQRecord.from_json(doc["vq"]), recipe=str(doc.get("recipe", "")), raw=doc)
     except KeyError as exc:
         raise PolicyError(f"{where}: missing field {exc}") from exc
+    except DataError as exc:                 # a malformed tokenizer / VQ record
+        raise PolicyError(f"{where}: {exc}") from exc

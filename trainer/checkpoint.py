@@ -33,7 +33,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from pipeline.errors import RynnError
 from pipeline.io import fsync_dir, read_json, sha256_file, write_bytes, write_json
+from shards.records import VQRecord
 from trainer.config import ModelConfig, TrainConfig
+from trainer.model import RynnModel
 
 LATEST = "latest"
 CARD = "processor.json"
@@ -50,7 +52,7 @@ def processor_card(shards: Path, recipe_cfg: dict[str, Any] | None = None) -> di
     conv, images = man["conv"], man.get("images", {})
     return {"schema": 1, "shards_manifest_sha256": sha256_file(shards / "manifest.json"),
             "stats": read_json(shards / man["stats"]["path"]), "tokenizer": man["tokenizer"],
-            "vq": man["vq"], "vocab": man["vocab"], "recipe": man["recipe"],
+            "vq": VQRecord.from_json(man["vq"]).to_json(), "vocab": man["vocab"], "recipe": man["recipe"],
             "K": conv["chunk"], "D": conv["action_dim"], "state_dim": conv["state_dim"],
             "M": conv["history"], "resolution": man["vocab"]["resolution"],
             "orientation": images.get("orientation", "rot180"),
@@ -201,7 +203,6 @@ def read_config(step_dir: Path) -> tuple[TrainConfig, int, int]:
 
 def load_model(step_dir: Path) -> torch.nn.Module:
     """The network of a checkpoint directory (eval mode, CPU)."""
-    from trainer.model import RynnModel
     cfg, chunk, action_dim = read_config(step_dir)
     model = RynnModel(cfg.model, chunk=chunk, action_dim=action_dim)
     try:

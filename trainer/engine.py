@@ -1,7 +1,8 @@
-"""The decoding engine: the attention rule at inference, cached greedy steps, the response
-grammar of discrete actions and the parser of generated action blocks.
+"""The decoding engine: the attention rule at inference, cached greedy steps and the response
+grammar of discrete actions (generated action blocks are parsed by
+`shards.conversation.parse_action_blocks`, beside their builder).
 
-    from trainer.engine import Backend, Stepper, parse_action_blocks
+    from trainer.engine import Backend, Stepper, response_grammar
     stepper = Stepper(backend, prompt_ids, use_cache=True)
     next_id = stepper.greedy(allowed=None)       # one token under the training mask
 
@@ -20,55 +21,6 @@ import torch
 from shards import vocab
 from shards.bins import from_bins
 from trainer.mask import may_attend
-
-def parse_action_blocks(tokens: np.ndarray, k: int, d: int) -> tuple[np.ndarray, list[str]]:
-    """Generated response tokens (up to and excluding SEP) -> (bins (n, d), problems).
-
-    The expected shape is exactly `k` blocks `[ACTION_START, d bin tokens, ACTION_END]` and
-    nothing else. Every deviation is listed in `problems`; well-formed blocks are still returned.
-    """
-    tokens = np.asarray(tokens, dtype=np.int64)
-    problems, blocks, i = [], [], 0
-    while i < len(tokens):
-        if tokens[i] != vocab.ACTION_START:
-            j = i + int(np.argmax(np.append(tokens[i:], vocab.ACTION_START) == vocab.ACTION_START))
-            problems.append(f"{j - i} token(s) outside action blocks at positions {i}..{j - 1}: "
-                            f"{tokens[i:min(j, i + 5)].tolist()}{' ...' if j - i > 5 else ''}")
-            i = j
-            continue
-        end, closed = _block_end(tokens, i)
-        body = tokens[i + 1:end]
-        problems += _block_problems(body, len(blocks), d, closed)
-        if closed and len(body) == d and vocab.is_action_bin(body).all():
-            blocks.append(body - vocab.ACTION_BIN_BASE)
-        i = end + 1 if closed else end
-    if len(blocks) != k:
-        problems.append(f"{len(blocks)} well-formed action blocks, expected K={k}")
-    bins = np.stack(blocks) if blocks else np.zeros((0, d), np.int64)
-    return bins, problems
-
-
-def _block_end(tokens: np.ndarray, start: int) -> tuple[int, bool]:
-    """(index where the block's body ends, closed by ACTION_END?); a new ACTION_START or the end
-    of the tokens also ends it, unclosed."""
-    for j in range(start + 1, len(tokens)):
-        if tokens[j] == vocab.ACTION_END:
-            return j, True
-        if tokens[j] == vocab.ACTION_START:
-            return j, False
-    return len(tokens), False
-
-
-def _block_problems(body: np.ndarray, index: int, d: int, closed: bool) -> list[str]:
-    out = []
-    if not closed:
-        out.append(f"action block {index} is not closed by ACTION_END")
-    if len(body) != d:
-        out.append(f"action block {index} has {len(body)} tokens inside, expected D={d}")
-    bad = body[~vocab.is_action_bin(body)]
-    if len(bad):
-        out.append(f"action block {index} holds non-bin token(s) {bad[:5].tolist()}")
-    return out
 
 
 def response_grammar(k: int, d: int) -> tuple[np.ndarray, np.ndarray]:

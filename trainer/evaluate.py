@@ -42,13 +42,16 @@ import torch
 
 from pipeline.errors import RynnError
 from pipeline.io import read_json, write_bytes, write_json
+from pipeline.media import png_bytes
 from shards import vocab
 from shards.bins import Stats, unnormalize
 from trainer import metrics
 from trainer.card import MalformedActions
+from trainer.fvd import load_detector, rollout_fvd
+from trainer.lpips import load_lpips
 from trainer.policy import Policy
 from trainer.world_model import (decode_codes, generate_frames, image_blocks_in, block_codes,
-                                 response_codes, strip_image, wm_layout)
+                                 response_codes, strip_image)
 
 NOT_COMPUTED = "not computed (no weights given)"
 
@@ -95,8 +98,8 @@ def check_compatible(policy: Policy, shards: Path) -> list[str]:
     manifest = read_json(shards / "manifest.json")
     card, notes = policy.card, []
     pairs = (("tokenizer digest", manifest.get("tokenizer", {}).get("digest"),
-              card.tokenizer.get("digest")),
-             ("VQ digest", manifest.get("vq", {}).get("digest"), card.vq.get("digest")),
+              card.tokenizer.digest),
+             ("VQ digest", manifest.get("vq", {}).get("digest"), card.vq.digest),
              ("resolution", manifest.get("vocab", {}).get("resolution"), card.resolution))
     for what, theirs, ours in pairs:
         if theirs != ours:
@@ -216,9 +219,7 @@ def eval_wm_sample(policy: Policy, sample, tally: WmTally, generate: bool) -> No
 def _generated_frames(policy: Policy, tokens: np.ndarray, start: int, tally: WmTally) -> None:
     response = generate_frames(policy, tokens[:start])
     pred = response_codes(policy, response)
-    side, _, n = wm_layout(policy)        # non-square / one view under compat=published
-    truth = np.stack([block_codes(b, side, policy.processor.tokenizer.id_to_image_code)
-                      for b in image_blocks_in(tokens[start:], n)])
+    truth = np.stack([block_codes(policy, b) for b in image_blocks_in(policy, tokens, start)])
     images = decode_codes(policy, np.stack([pred, truth]))       # (2, 2 views, H, W, 3)
     tally.gen_code_acc.append(float((pred == truth).mean()))
     tally.psnr.extend(metrics.psnr(images[0], images[1]).tolist())
@@ -282,7 +283,6 @@ def plot_wm(tally: WmTally, path: Path) -> None:
 
 def write_examples(tally: WmTally, path: Path) -> None:
     """Columns: examples; rows: pred front, reference front, pred wrist, reference wrist."""
-    from pipeline.media import png_bytes
     pred = np.stack([e[0] for e in tally.examples])
     truth = np.stack([e[1] for e in tally.examples])
     write_bytes(path, png_bytes(strip_image(pred, truth)))
@@ -313,11 +313,9 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
         raise EvalError(f"{shards}: no samples to evaluate")
     vla, wm = VlaTally(), WmTally()
     if lpips_weights is not None:
-        from trainer.lpips import load_lpips
         wm.lpips_metric = load_lpips(lpips_weights, device=policy.backend.device, net=lpips_net)
     detector = None
     if fvd_weights is not None:
-        from trainer.fvd import load_detector
         detector = load_detector(fvd_weights, device=policy.backend.device)
     for i, sample in enumerate(data.vla):
         eval_vla_sample(policy, sample, vla, i < max_discrete)
@@ -341,7 +339,6 @@ def fvd_report(policy: Policy, shards: Path, detector, split: str, videos: int,
                frames: int) -> dict[str, Any] | None:
     if detector is None:
         return None
-    from trainer.fvd import rollout_fvd
     return rollout_fvd(policy, shards, detector, split=split, videos=videos, frames=frames)
 
 

@@ -40,10 +40,11 @@ from tokenizers import Tokenizer
 from pipeline.errors import RynnError
 from pipeline.io import read_json, sha256_file, write_bytes, write_json
 from shards import vocab
-from shards.tokenizer import image_code_name
-from shards.vq import hf_config
+from shards.tokenizer import image_code_name, load_tokenizer_from_record
+from shards.vq import load_vq_from_record
+from shards.vq_arch import hf_config
 from trainer import checkpoint as ckpt
-from trainer.card import load_tokenizer_for, load_vq_for, read_card, resolve_checkpoint
+from trainer.card import read_card, resolve_checkpoint
 from trainer.config import ModelConfig
 from trainer.model import IMAGE_TOKEN, RynnModel, chameleon_config
 
@@ -112,8 +113,8 @@ def export(run: str | Path, out: str | Path, *, vq_path: str | Path | None = Non
     step_dir = resolve_checkpoint(run)
     card = read_card(step_dir)
     cfg, chunk, action_dim = ckpt.read_config(step_dir)
-    tokenizer = load_tokenizer_for(card, tokenizer_path)
-    vq = load_vq_for(card, vq_path, torch.device("cpu"))
+    tokenizer = load_tokenizer_from_record(card.tokenizer, tokenizer_path)
+    vq = load_vq_from_record(card.vq, vq_path, device="cpu")
     hf, head = to_hf_names(load_file(str(step_dir / WEIGHTS_FILE)))
     hf.update({VQ + k: v for k, v in vq.model.state_dict().items()})
     out = Path(out)
@@ -248,8 +249,8 @@ def load_parts(path: str | Path, device: torch.device):
     path = Path(path)
     card = read_card(path)
     tok_file = path / TOKENIZER_FILE
-    tokenizer = load_tokenizer_for(card, tok_file if tok_file.exists() else None)
-    vq = load_vq_for(card, path, device)
+    tokenizer = load_tokenizer_from_record(card.tokenizer, tok_file if tok_file.exists() else None)
+    vq = load_vq_from_record(card.vq, path, device=device)
     if (path / DECODER_FILE).exists():
         vq.decoder_state = load_file(str(path / DECODER_FILE))
     return card, tokenizer, vq, load_model(path).to(device)

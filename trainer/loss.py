@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from shards import vocab
+from shards.bins import from_bins
 
 Z_LOSS = 1e-5
 IMAGE_CODE_WEIGHT = 0.04
@@ -50,10 +51,8 @@ def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def quantized_target(labels: torch.Tensor, chunk: int, action_dim: int,
                      num_bins: int = vocab.NUM_BINS) -> torch.Tensor:
     """The published L1 target: bin centres decoded from the action-bin labels (B, K, D)."""
-    from shards.bins import from_bins
     rows = []
     for row in labels:
-        ids = row[vocab.is_action_bin(row.cpu().numpy())]
-        bins = (ids - vocab.ACTION_BIN_BASE).cpu().numpy()[: chunk * action_dim]
+        bins = vocab.action_bins_of(row.cpu().numpy())[: chunk * action_dim]
         rows.append(torch.as_tensor(from_bins(bins, num_bins), dtype=torch.float32))
     return torch.stack(rows).reshape(-1, chunk, action_dim).to(labels.device)

@@ -41,12 +41,16 @@ import numpy as np
 import torch
 
 from shards import vocab
-from shards.conversation import assemble, image_blocks, vla_prompt_text
+from shards.conversation import assemble, image_blocks, parse_action_blocks, vla_prompt_text
 from shards.bins import unnormalize
-from trainer.card import (Card, MalformedActions, PolicyError, load_tokenizer_for,
-                          load_vq_for, read_card, resolve_checkpoint)
+from shards.tokenizer import load_tokenizer_from_record
+from shards.fit import fit_vla, fit_wm
+from shards.vq import encode, load_vq_from_record, normalize_pixels, preprocess, resolve_device
+from trainer import checkpoint
+from trainer.card import Card, MalformedActions, PolicyError, read_card, resolve_checkpoint
 from trainer.engine import (Backend, Stepper, allowed_bins, attention_rule, bins_to_norm,
-                            parse_action_blocks, response_grammar)
+                            response_grammar)
+from trainer.export import is_export, load_parts
 
 MODES = ("continuous", "discrete")
 
@@ -156,8 +160,6 @@ class Processor:
         self.encoded = 0
 
     def _encode(self, images: list[np.ndarray]) -> np.ndarray:
-        from shards.fit import fit_vla
-        from shards.vq import encode, normalize_pixels, preprocess
         frames = np.stack([orient(img, self.card.orientation) for img in images])
         self.encoded += len(images)
         if self.card.published_fit:                      # compat=published: the VLA fitting
@@ -172,8 +174,6 @@ class Processor:
         ("inference", view)."""
         if not self.card.published_fit:
             return list(self.image_codes(images))
-        from shards.fit import fit_wm
-        from shards.vq import encode, normalize_pixels
         out = []
         for img, view in zip(images, ("front", "wrist")):
             fitted = fit_wm(orient(img, self.card.orientation), self.card.resolution,
@@ -217,8 +217,6 @@ class Policy:
     def from_checkpoint(cls, path: str | Path, *, vq_path: str | Path | None = None,
                         tokenizer_path: str | Path | None = None,
                         device: str = "auto") -> "Policy":
-        from shards.vq import resolve_device
-        from trainer.export import is_export
         if is_export(path):
             if vq_path is not None or tokenizer_path is not None:
                 raise PolicyError(f"{path} is an export: it carries its own VQ-GAN and "
@@ -227,16 +225,14 @@ class Policy:
         step_dir = resolve_checkpoint(path)
         card = read_card(step_dir)
         dev = resolve_device(device)
-        processor = Processor(card, load_tokenizer_for(card, tokenizer_path),
-                              load_vq_for(card, vq_path, dev))
+        processor = Processor(card, load_tokenizer_from_record(card.tokenizer, tokenizer_path),
+                              load_vq_from_record(card.vq, vq_path, device=dev))
         return cls(processor, Backend(load_model(step_dir, dev), dev))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "auto") -> "Policy":
         """An `rynn-pipe export` directory (trainer/export.py): weights, VQ-GAN, tokenizer and
         card all come from it."""
-        from shards.vq import resolve_device
-        from trainer.export import load_parts
         dev = resolve_device(device)
         card, tokenizer, vq, model = load_parts(path, dev)
         return cls(Processor(card, tokenizer, vq), Backend(model, dev))
@@ -327,6 +323,5 @@ class Policy:
 
 def load_model(step_dir: Path, device: torch.device) -> torch.nn.Module:
     """The trained network of a checkpoint directory, in eval mode on `device`."""
-    from trainer import checkpoint
     model = checkpoint.load_model(step_dir)
     return model.to(device).eval()

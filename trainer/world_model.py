@@ -30,11 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import RynnError
+from pipeline.errors import DataError, RynnError
+from pipeline.io import read_json, write_bytes, write_json
+from pipeline.media import png_bytes
 from shards import vocab
-from shards.conversation import assemble, image_blocks
+from shards.conversation import assemble, blocks_by_kind, image_blocks, parse_image_block
+from shards.reader import read_shard
+from shards.vq_decoder import decode
 from shards.bins import to_bins
 from trainer.engine import Stepper
+from trainer.metrics import psnr, ssim
 from trainer.policy import check_image
 
 VIEWS = ("front", "wrist")
@@ -63,17 +68,6 @@ def code_positions(side: int | tuple[int, int]) -> np.ndarray:
     return (3 + rows).reshape(-1)
 
 
-def block_codes(block: np.ndarray, side: int | tuple[int, int], id_to_code: np.ndarray
-                ) -> np.ndarray:
-    """One image block (tokens) -> (h, w) codebook indices; raises on a non-code token."""
-    h, w = (side, side) if isinstance(side, int) else side
-    ids = np.asarray(block, dtype=np.int64)[code_positions((h, w))]
-    codes = id_to_code[ids]
-    if (codes < 0).any():
-        raise WorldModelError(f"image block holds non-image-code ids {ids[codes < 0][:5].tolist()}")
-    return codes.reshape(h, w)
-
-
 def wm_layout(policy) -> tuple[tuple[int, int], int, int]:
     """(code grid, views per turn, block length) of the checkpoint's world-model images: square
     at the card's resolution and two views, or (compat=published) the shard set's one
@@ -84,11 +78,24 @@ def wm_layout(policy) -> tuple[tuple[int, int], int, int]:
     return (int(h), int(w)), int(raw.get("wm_views", 2)), 3 + int(h) * (int(w) + 1) + 1
 
 
-def image_blocks_in(tokens: np.ndarray, block_len: int) -> list[np.ndarray]:
-    """Every image block of a token sequence, in order."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    starts = np.flatnonzero(tokens == vocab.IMAGE_START)
-    return [tokens[s:s + block_len] for s in starts.tolist()]
+def sample_blocks(policy, tokens: np.ndarray, start: int = 1) -> dict[str, list[np.ndarray]]:
+    """The blocks of a token sequence from `start` on (1: after BOS), by kind, in order."""
+    card = policy.card
+    return blocks_by_kind(tokens, action_dim=card.action_dim, state_dim=card.state_dim,
+                          start=start)
+
+
+def image_blocks_in(policy, tokens: np.ndarray, start: int = 1) -> list[np.ndarray]:
+    """Every image block of a token sequence from `start` on (1: after BOS), in order."""
+    return sample_blocks(policy, tokens, start)["image"]
+
+
+def block_codes(policy, block: np.ndarray) -> np.ndarray:
+    """One image block -> its (h, w) codebook indices; WorldModelError on a non-code token."""
+    try:
+        return parse_image_block(block, policy.processor.tokenizer.id_to_image_code)
+    except DataError as exc:
+        raise WorldModelError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,16 +147,12 @@ def _sample(logits: torch.Tensor, allowed: torch.Tensor, temperature: float,
 
 
 def response_codes(policy, response: np.ndarray) -> np.ndarray:
-    """Generated response tokens -> (2, h, w) codes."""
-    grid, views, n = wm_layout(policy)
-    id_to_code = policy.processor.tokenizer.id_to_image_code
-    return np.stack([block_codes(response[i * n:(i + 1) * n], grid, id_to_code)
-                     for i in range(views)])
+    """Generated response tokens -> (views, h, w) codes."""
+    return np.stack([block_codes(policy, b) for b in image_blocks_in(policy, response, 0)])
 
 
 def decode_codes(policy, codes: np.ndarray) -> np.ndarray:
     """(..., h, w) codes -> (..., H, W, 3) uint8 with the checkpoint's VQ-GAN decoder."""
-    from shards.vq_decoder import decode
     codes = np.asarray(codes)
     flat = decode(policy.processor.vq, codes.reshape(-1, *codes.shape[-2:]))
     return flat.reshape(*codes.shape[:-2], *flat.shape[1:])
@@ -222,8 +225,6 @@ def imagine(policy, front: np.ndarray, wrist: np.ndarray, action: np.ndarray, *,
 
 def write_frames(images: np.ndarray, out: Path) -> list[str]:
     """step_NNN_<view>.png for each (step, view) image."""
-    from pipeline.media import png_bytes
-    from pipeline.io import write_bytes
     files = []
     for i, pair in enumerate(images):
         for view, img in zip(VIEWS, pair):
@@ -248,8 +249,6 @@ class Trajectory:
 
 def wm_samples_by_episode(shards: str | Path, split: str) -> dict[str, list]:
     """World-model samples of `split`, grouped by episode and sorted by step."""
-    from pipeline.io import read_json
-    from shards.reader import read_shard
     root = Path(shards)
     groups: dict[str, list] = {}
     for entry in read_json(root / "manifest.json")["shards"]:
@@ -281,34 +280,29 @@ def pick_trajectory(policy, shards: str | Path, steps: int, episode: str | None 
 
 
 def trajectory_of(policy, episode: str, split: str, samples: list) -> Trajectory:
-    side, views, n = wm_layout(policy)
-    id_to_code = policy.processor.tokenizer.id_to_image_code
+    views = wm_layout(policy)[1]
     bins, truth = [], []
     for s in samples:
-        tokens = np.asarray(s.tokens, dtype=np.int64)
-        blocks = image_blocks_in(tokens, n)
-        if len(blocks) != 2 * views:
-            raise WorldModelError(f"{s.key}: expected {2 * views} image blocks, found "
-                                  f"{len(blocks)}")
-        a = tokens[np.flatnonzero(tokens == vocab.ACTION_START)[0] + 1:][:policy.card.action_dim]
-        bins.append(a - vocab.ACTION_BIN_BASE)
-        truth.append([block_codes(b, side, id_to_code) for b in blocks[views:]])
-    first = image_blocks_in(np.asarray(samples[0].tokens, np.int64), n)[:views]
-    start = np.stack([block_codes(b, side, id_to_code) for b in first])
+        parts = sample_blocks(policy, s.tokens)
+        blocks, actions = parts["image"], parts["action"]
+        if len(blocks) != 2 * views or len(actions) != 1:
+            raise WorldModelError(f"{s.key}: expected {2 * views} image blocks and one action "
+                                  f"block, found {len(blocks)} and {len(actions)}")
+        bins.append(vocab.parse_action_block(actions[0]))
+        truth.append([block_codes(policy, b) for b in blocks[views:]])
+    first = image_blocks_in(policy, samples[0].tokens)[:views]
+    start = np.stack([block_codes(policy, b) for b in first])
     return Trajectory(episode, split, start, np.stack(bins), np.asarray(truth))
 
 
 def rollout(policy, shards: str | Path, *, steps: int = 8, out: str | Path,
             episode: str | None = None, start: int = 0) -> dict[str, Any]:
     """Feed predictions back along a held-out trajectory; write the strip PNG and metrics."""
-    from trainer.metrics import psnr, ssim
     traj = pick_trajectory(policy, shards, steps, episode, start)
     pred, _ = imagine_codes(policy, traj.start_codes, traj.bins)
     images, truth = decode_codes(policy, pred), decode_codes(policy, traj.truth)
     out = Path(out)
     strip = strip_image(images, truth)
-    from pipeline.media import png_bytes
-    from pipeline.io import write_bytes, write_json
     write_bytes(out / "rollout_strip.png", png_bytes(strip))
     report = {"episode": traj.episode, "split": traj.split, "start": start, "steps": steps,
               "held_out": traj.split == "val",
