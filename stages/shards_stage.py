@@ -154,7 +154,8 @@ def shard_manifest(cfg: RunConfig, entries: list[dict], stats_bytes: bytes, stat
         "conv": {"history": cfg.conv.history, "chunk": cfg.conv.chunk, "num_bins": stats.num_bins,
                  "relative_action_dims": list(cfg.conv.relative_action_dims), **dims},
         "drops": drop_summary(drops), "splits": split_summary(rows, split, cfg)}
-    if cfg.compat != "published" and any(h != w for h, w in (r["image_hw"] for r in rows)):
+    if cfg.compat != "published" and any(hw and hw[0] != hw[1]
+                                         for hw in (r.get("image_hw") for r in rows)):
         out["images"]["fit"] = "stretch"     # source.non_square=stretch let them through
     if cfg.compat == "published":     # only then: the default manifest keeps its bytes
         grids = sorted({tuple(g) for g in store.get("wm_grids", {}).values()})
