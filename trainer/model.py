@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import ChameleonConfig, ChameleonModel
 
@@ -134,7 +135,6 @@ class RynnModel(nn.Module):
         """Load a local Hugging Face-format Chameleon checkpoint (`model.*` backbone keys,
         `lm_head.weight`; `model.vqmodel.*` is ignored). Every backbone and lm_head weight must
         be present with the preset's shape; the action head stays freshly initialized."""
-        from safetensors.torch import load_file
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise RynnError(f"--init {path}: no *.safetensors files (a Hugging Face Chameleon "
