@@ -183,6 +183,7 @@ def build(model_cfg, device: torch.device):
 def train_section(name: str, model_cfg, device: torch.device, sizes: Sizes, peak: dict):
     """(figures, the trained model) for one shape."""
     from trainer.config import TrainConfig
+    from trainer.loss import Loss
     from trainer.train import build_optimizer, train_step
     cfg = TrainConfig(model=model_cfg, batch_size=sizes.train_batch, precision="bf16",
                       warmup_steps=1, steps=1000)
@@ -194,7 +195,7 @@ def train_section(name: str, model_cfg, device: torch.device, sizes: Sizes, peak
     tokens = int(batch["attention_mask"].sum())
 
     def run() -> None:
-        train_step(cfg, model, opt, itertools.repeat(batch), 1, device)
+        train_step(cfg, model, Loss(cfg.loss), opt, itertools.repeat(batch), 1, device)
     flops = counted_flops(run)
     s = timed(run, device, sizes.min_time_s, warmup=1)
     s = min(s, _steps_time(run, device, sizes.train_steps))

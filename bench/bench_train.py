@@ -27,6 +27,7 @@ from shards import vocab
 from shards.reader import ShardReader
 from trainer.checkpoint import processor_card
 from trainer.config import resolve_train_config
+from trainer.loss import Loss, paper_ce
 from trainer.model import RynnModel
 from trainer.train import build_optimizer, train_step
 
@@ -48,8 +49,9 @@ def step_split(shards: Path, preset: str, steps: int, batch: int) -> dict[str, f
     opt = build_optimizer(model, cfg)
     with ShardReader(shards, batch_size=batch, split="all", seed=0) as reader:
         batches = reader.forever()
-        train_step(cfg, model, opt, batches, 0, torch.device("cpu"))  # warm-up, not counted
-        rows = [train_step(cfg, model, opt, batches, s, torch.device("cpu"))
+        loss = Loss(cfg.loss)
+        train_step(cfg, model, loss, opt, batches, 0, torch.device("cpu"))  # warm-up, not counted
+        rows = [train_step(cfg, model, loss, opt, batches, s, torch.device("cpu"))
                 for s in range(1, steps)]
     wait = sum(r["data_wait_s"] for r in rows)
     compute = sum(r["compute_s"] for r in rows)
@@ -72,8 +74,8 @@ def logits_ratio(shards: Path, preset: str, batch: int, reps: int = 3) -> tuple[
 
     def supervised() -> None:
         h = model.hidden(b["input_ids"], b["attention_mask"].bool())
-        out = model.token_losses(h, b["labels"], b["is_vla"], cfg)
-        sum(out.values()).backward()
+        logits, targets, token_is_vla = model.supervised_logits(h, b["labels"], b["is_vla"])
+        sum(paper_ce(logits, targets, token_is_vla).values()).backward()
 
     return _time(full, reps), _time(supervised, reps)
 

@@ -9,13 +9,15 @@
     rynn-pipe train --shards out/demo/shards --out runs/demo --preset tiny --steps 300
     rynn-pipe rollout --env demo --policy runs/demo/latest --episodes 10 --out runs/demo/rollout
 
-This is the only module that imports typer.
+This is the only module that imports typer. Each command imports the library it calls inside
+its body: `rynn-pipe --help` and every command start without loading torch, numpy or the
+layers below they do not use.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+import json
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,8 +25,9 @@ from typing import Callable, Optional
 import typer
 from rich.markup import escape
 
-from pipeline.config import ConfigError
+from pipeline.config import ALIASES, RECIPES, ConfigError
 from pipeline.errors import RynnError
+from pipeline.group import Group
 from pipeline.progress import console
 from pipeline.threads import passive_openmp
 
@@ -69,7 +72,6 @@ def _out(out: Optional[Path], recipe_name: str) -> Path:
 @friendly
 def recipes_cmd() -> None:
     """List the suite recipes and their main values."""
-    from pipeline.config import ALIASES, RECIPES
     for name, fn in RECIPES.items():
         cfg = fn()
         console.print(f"{name:16s} history={cfg.conv.history} chunk={cfg.conv.chunk} "
@@ -163,7 +165,7 @@ def tokenize_cmd(raw: Path = typer.Option(..., "--raw", help="Raw demonstrations
     cfg = resolve_config(recipe_name, overrides)
     out = _out(out, recipe_name)
     done = tokenize(cfg, raw, out, cache, until=until)
-    if os.environ.get("RANK", "0") != "0":         # under torchrun rank 0 reports
+    if not Group.from_env().leader:                # under torchrun rank 0 reports
         return
     if "shards" in done:
         console.print(f"[bold green]shards[/]: {out / 'shards'}")
@@ -440,7 +442,6 @@ def eval_cmd(checkpoint: Path = typer.Option(..., help="Checkpoint (step dir, ru
              fvd_frames: int = typer.Option(16, help="Frames per FVD video.")) -> None:
     """Held-out metrics: action L1/MSE (both modes), token accuracy, PSNR/SSIM (LPIPS with
     --lpips-weights, FVD with --fvd-weights); JSON + plots."""
-    import json
     from trainer.evaluate import evaluate
     report = evaluate(checkpoint, shards, out, max_samples=max_samples, max_discrete=max_discrete,
                       max_generate=max_generate, vq_path=vq_path, tokenizer_path=tokenizer_path,

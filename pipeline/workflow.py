@@ -61,7 +61,7 @@ def tokenize(cfg: RunConfig, raw: Path, out: Path, cache: Path | None = None,
     """Run every stage (or up to `until`); export the shards to <out>/shards. Returns stage dirs.
     Under torchrun every rank calls this: pretokenize splits over the ranks, rank 0 does the
     rest (pipeline/group.py)."""
-    group = Group.from_env()
+    group = Group.from_env().join()
     done = make_runner(cfg, raw, out, cache, quiet=quiet, until=until, group=group).run()
     if "shards" in done and group.leader:
         export(done["shards"], out / "shards")

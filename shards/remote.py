@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from pipeline.errors import DataError
+from pipeline.group import Group
 from pipeline.io import sha256_bytes, write_bytes
 
 MANIFEST = "manifest.json"
@@ -104,7 +105,8 @@ class RemoteShardSet:
             raise DataError(f"not a shard manifest ({type(exc).__name__}: {exc})",
                             file=f"{self.url}/{MANIFEST}") from exc
         # under torchrun each rank keeps its own cache: pins and eviction are per process
-        rank = f"-rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        group = Group.from_env()
+        rank = f"-rank{group.rank}" if group.world > 1 else ""
         self.root = Path(cache_dir or cache_root()) / f"{sha256_bytes(raw)[:16]}{rank}"
         self.root.mkdir(parents=True, exist_ok=True)
         write_bytes(self.root / MANIFEST, raw)

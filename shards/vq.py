@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.errors import DataError
+from pipeline.group import Group
 from pipeline.progress import console
 from shards.records import VQRecord
 from shards.vq_arch import (DDCONFIG_KEYS, RANDOM_ARCHS, CheckpointError, arch_from_hf, check_state,
@@ -172,7 +172,7 @@ def random_vq(arch: dict[str, Any], seed: int, *, name: str = "custom") -> VQHan
         model = build_model(arch)
         decoder = build_decoder(arch)
     decoder_state = {DECODER_PREFIX + k: v for k, v in decoder.state_dict().items()}
-    if (name, seed) not in _WARNED and os.environ.get("RANK", "0") == "0":  # once, on rank 0
+    if (name, seed) not in _WARNED and Group.from_env().leader:       # once, on rank 0
         _WARNED.add((name, seed))
         console.print(f"[bold red]WARNING: UNTRAINED TOKENIZER[/]: no VQ-GAN weights given "
                       f"(image.vq_path), using a random-init '{name}' VQ-GAN (seed {seed}). "
@@ -320,45 +320,6 @@ def read_hf_vq_weights(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"unreadable safetensors file: {exc}", file=str(path / name)) from exc
     return state
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving (fixtures for tests; the same key names and yaml fields as the real files).
-# ---------------------------------------------------------------------------------------------
-
-def original_yaml(arch: dict[str, Any]) -> dict[str, Any]:
-    return {"model": {"target": "taming.models.vqgan.VQModel", "params": {
-        "embed_dim": arch["embed_dim"], "n_embed": arch["n_embed"],
-        "ddconfig": {k: arch[k] for k in DDCONFIG_KEYS},
-        "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"}}}}
-
-
-def save_original_format(handle: VQHandle, directory: str | Path) -> Path:
-    """Write `vqgan.yaml` + `vqgan.ckpt` ({"state_dict": VQ keys + decoder.* keys})."""
-    import yaml
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().clone() for k, v in handle.model.state_dict().items()}
-    state.update({k: v.detach().cpu().clone() for k, v in (handle.decoder_state or {}).items()})
-    (directory / ORIGINAL_YAML).write_text(yaml.safe_dump(original_yaml(handle.arch), sort_keys=False))
-    torch.save({"state_dict": state}, directory / ORIGINAL_CKPT)
-    return directory
-
-
-def save_hf_format(handle: VQHandle, directory: str | Path) -> Path:
-    """Write a Hugging Face Chameleon dir: config.json with vq_config, `model.vqmodel.*` weights."""
-    from safetensors.torch import save_file
-    from transformers import ChameleonConfig
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = ChameleonConfig(vq_config=hf_config(handle.arch).to_dict(), hidden_size=64,
-                             intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                             num_key_value_heads=2, vocabulary_map={"<image>": 8711})
-    config.save_pretrained(directory)
-    state = {HF_PREFIX + k: v.detach().cpu().contiguous().clone()
-             for k, v in handle.model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    return directory
 
 
 # ---------------------------------------------------------------------------------------------

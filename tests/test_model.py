@@ -10,7 +10,8 @@ from transformers import ChameleonForConditionalGeneration
 
 from pipeline.errors import RynnError
 from shards import vocab as v
-from trainer.config import PRESETS, TrainConfig
+from trainer.config import PRESETS, LossConfig, TrainConfig
+from trainer.loss import Loss
 from trainer.mask import attention_mask_4d
 from trainer.model import RynnModel, chameleon_config
 from trainer.engine import Backend, Stepper
@@ -68,10 +69,13 @@ def test_head_prediction_is_the_same_alone_and_padded():
 
 def test_losses_per_term_and_no_vla_batch():
     model = _model().train()
-    out = model(_batch(_vla()))
+    loss = Loss(LossConfig())                          # paper mode, alpha_l1 10, raw target
+    batch = _batch(_vla())
+    out = loss(model(batch), batch)
     assert float(out["ce_image"].detach()) == 0.0 and float(out["ce_action"].detach()) > 0
     assert torch.isclose(out["loss"], out["ce_action"] + 10 * out["l1"])
-    wm = model(_batch(_vla(), is_vla=False))
+    batch = _batch(_vla(), is_vla=False)
+    wm = loss(model(batch), batch)
     assert float(wm["l1"].detach()) == 0.0 and float(wm["ce_action"].detach()) == 0.0
     assert torch.isfinite(wm["loss"]) and wm["loss"].requires_grad
     model.zero_grad(set_to_none=True)
@@ -85,7 +89,8 @@ def test_published_loss_mode_and_quantized_target():
     model = _model()                                   # eval: no dropout between the two passes
     cfg = TrainConfig(model=PRESETS["test"], loss_mode="published", l1_target="quantized")
     batch = _batch(_vla())
-    out = model(batch, train_cfg=cfg)
+    assert cfg.loss == LossConfig(mode="published", alpha_l1=10.0, l1_target="quantized")
+    out = Loss(cfg.loss)(model(batch), batch)
     assert set(out) == {"ce", "z_loss", "l1", "loss"}
     # by hand, from the full logits: class-weighted CE (image codes 0.04), z-loss 1e-5, and L1
     # against the bin centres of the label tokens (centre of interval d-1 of 256 edges in [-1, 1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import resolve_train_config
 from trainer.schedule import lr_at
 from trainer.train import train
+from train_ranks import weights_sha256
 
 LOSS_KEYS = ("loss", "ce_action", "ce_image", "l1")
 
@@ -56,7 +56,7 @@ def test_stop_and_resume_gives_the_same_loss_curve(tiny_shards, tmp_path):
     full = tmp_path / "full"
     train(_cfg(steps=6), tiny_shards, full)
     part = tmp_path / "part"
-    train(_cfg(steps=6), tiny_shards, part, stop_after=3)
+    train(_cfg(steps=3), tiny_shards, part)          # stopped at 3, then resumed with more steps
     assert _curve(part)[-1][0] == 3
     train(_cfg(steps=6), tiny_shards, part, resume=True)
     assert _curve(part) == _curve(full)
@@ -72,7 +72,7 @@ def test_resume_refuses_other_shards_or_model(tiny_shards, tmp_path):
 
 def _torchrun(shards: Path, run: Path, steps: int, *sets: str, resume: bool = False) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline.cli", "train", "--shards", str(shards), "--out", str(run),
+           str(Path(__file__).with_name("train_ranks.py")), "train", "--shards", str(shards), "--out", str(run),
            "--preset", "test", "--steps", str(steps), "--set", "batch_size=2",
            "--set", "log_every=1", *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -91,11 +91,7 @@ def test_torchrun_two_processes_stay_in_sync(tiny_shards, tmp_path):
     digests = _rank_digests(run)
     assert digests[0] == digests[1]
     saved = load_file(str(run / "step-000003" / "model.safetensors"))
-    h = hashlib.sha256()
-    for name in sorted(saved):
-        h.update(name.encode())
-        h.update(saved[name].float().numpy().tobytes())
-    assert h.hexdigest() == digests[0]                  # rank 0 saved what both ranks hold
+    assert weights_sha256(saved) == digests[0]          # rank 0 saved what both ranks hold
     assert [r[0] for r in _curve(run)] == [1, 2, 3]
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from shards import vq, vq_arch
 from shards.vq_decoder import DecoderError, decode
+from vq_fixtures import save_hf_format, save_original_format
 
 # Narrow but structurally complete: 5 levels (16x downsampling), the real codebook size.
 TINY = {**vq_arch.SMALL_ARCH, "ch_mult": [1, 1, 1, 1, 2], "z_channels": 64, "embed_dim": 64}
@@ -30,7 +31,7 @@ def batch():
 
 @pytest.fixture(scope="module")
 def original_dir(handle, tmp_path_factory):
-    return vq.save_original_format(handle, tmp_path_factory.mktemp("orig"))
+    return save_original_format(handle, tmp_path_factory.mktemp("orig"))
 
 
 def test_original_format_round_trip(handle, batch, original_dir):
@@ -67,7 +68,7 @@ def test_full_arch_has_129_vq_keys():
 
 
 def test_hf_format_round_trip(handle, batch, tmp_path):
-    vq.save_hf_format(handle, tmp_path)
+    save_hf_format(handle, tmp_path)
     loaded = vq.load_vq(str(tmp_path), device="cpu")
     assert loaded.source == "hf" and loaded.digest == handle.digest
     assert loaded.decoder_state is None
@@ -175,7 +176,7 @@ def test_non_torch_and_missing_files(original_dir, tmp_path):
 
 
 def test_hf_checkpoint_without_vq(handle, tmp_path):
-    vq.save_hf_format(handle, tmp_path)
+    save_hf_format(handle, tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(vq_arch.CheckpointError, match="does not include the VQ model"):
         vq.load_vq(str(tmp_path), device="cpu")

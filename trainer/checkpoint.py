@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from pipeline.errors import RynnError
+from pipeline.group import Group
 from pipeline.io import fsync_dir, read_json, sha256_file, write_bytes, write_json
 from shards.records import VQRecord
 from trainer.config import ModelConfig, TrainConfig
@@ -86,15 +87,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def all_rng_states() -> list[dict[str, Any]]:
     """Every rank's RNG state, in rank order (collective; each rank draws its own dropout)."""
-    _, world = rank_and_world()
+    world = Group.from_env().world
     if world == 1:
         return [rng_state()]
     states: list[Any] = [None] * world
@@ -110,7 +105,7 @@ def save(run: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
         full_state_dict=True, cpu_offload=True))
     rngs = all_rng_states()
     final = run / step_name(step)
-    if rank_and_world()[0] != 0:
+    if not Group.from_env().leader:
         return final
     bad = nonfinite(weights)
     if bad is not None:
@@ -223,10 +218,10 @@ def load_training(step_dir: Path, model: torch.nn.Module, optimizer: torch.optim
                    options=StateDictOptions(full_state_dict=True, strict=True))
     state = torch.load(step_dir / "state.pt", weights_only=False)
     rngs = state.pop("rng")
-    rank, world = rank_and_world()
-    if len(rngs) != world:
+    group = Group.from_env()
+    if len(rngs) != group.world:
         raise RynnError(f"--resume: {step_dir} was written by {len(rngs)} processes, this run has "
-                        f"{world}; resume with the same number of processes (the data order "
+                        f"{group.world}; resume with the same number of processes (the data order "
                         "and dropout depend on it)")
-    set_rng_state(rngs[rank])
+    set_rng_state(rngs[group.rank])
     return state

@@ -1,7 +1,9 @@
-"""Trainer configs: a frozen ModelConfig per preset and a TrainConfig, validated at construction.
+"""Trainer configs: a frozen ModelConfig per preset, a TrainConfig and the LossConfig built from
+it, validated at construction.
 
     from trainer.config import resolve_train_config
     cfg = resolve_train_config("tiny", ["lr=3e-4", "batch_size=8"], steps=300)
+    cfg.loss                   # LossConfig(mode="paper", alpha_l1=10.0, l1_target="raw")
 """
 
 from __future__ import annotations
@@ -42,6 +44,22 @@ class ModelConfig:
         _check(self.heads % self.kv_heads == 0, "model.kv_heads", "must divide model.heads")
         _check(self.head_width % self.head_heads == 0, "model.head_width",
                "must be divisible by model.head_heads")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """What trainer.loss.Loss computes: the paper's CE terms or the published weighted CE +
+    z-loss, plus alpha_l1 x L1 of the head against the raw or the bin-quantized actions."""
+
+    mode: Literal["paper", "published"] = "paper"
+    alpha_l1: float = 10.0
+    l1_target: Literal["raw", "quantized"] = "raw"
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("paper", "published"), "loss_mode", "must be paper or published")
+        _check(self.l1_target in ("raw", "quantized"), "l1_target", "must be raw or quantized")
+        _check(math.isfinite(self.alpha_l1) and self.alpha_l1 >= 0, "alpha_l1",
+               "must be finite and >= 0")
 
 
 PRESETS = {
@@ -100,6 +118,11 @@ class TrainConfig:
         _check(self.grad_clip > 0, "grad_clip", "must be > 0")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1 (the latest checkpoint is kept)")
         _check(self.mix is None or 0 <= self.mix <= 1, "mix", "must be in [0, 1] or none")
+        self.loss                            # the loss fields, validated by LossConfig
+
+    @property
+    def loss(self) -> LossConfig:
+        return LossConfig(mode=self.loss_mode, alpha_l1=self.alpha_l1, l1_target=self.l1_target)
 
 
 LRS = {"test": 1e-3, "tiny": 1e-3, "small": 3e-4, "7b": 5e-6}

@@ -1,4 +1,8 @@
-"""Losses over supervised positions only (logits are never computed elsewhere).
+"""The training loss, built from its own config and applied to the model's outputs: the logits
+at supervised positions and the head's actions (trainer/model.py computes nothing else).
+
+    loss = Loss(train_cfg.loss)          # LossConfig: mode, alpha_l1, l1_target
+    terms = loss(model(batch), batch)    # {"loss", "ce_action", "ce_image", "l1"}
 
 Paper mode: L = CE(action tokens) + CE(image tokens) + alpha * L1(head).
   The action CE averages over every target token of VLA samples (the action blocks with their
@@ -16,9 +20,44 @@ import torch.nn.functional as F
 
 from shards import vocab
 from shards.bins import from_bins
+from trainer.config import LossConfig
+from trainer.model import Outputs
 
 Z_LOSS = 1e-5
 IMAGE_CODE_WEIGHT = 0.04
+
+
+class Loss:
+    """Loss terms of one batch: paper mode {"loss", "ce_action", "ce_image", "l1"}, published
+    mode {"loss", "ce", "z_loss", "l1"}; "loss" = the CE terms + alpha_l1 x L1."""
+
+    def __init__(self, cfg: LossConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, out: Outputs, batch: dict) -> dict[str, torch.Tensor]:
+        terms = self.token_terms(out)
+        l1_term = self.l1(out, batch)
+        terms["loss"] = sum(terms.values()) + self.cfg.alpha_l1 * l1_term
+        terms["l1"] = l1_term
+        return terms
+
+    def token_terms(self, out: Outputs) -> dict[str, torch.Tensor]:
+        if self.cfg.mode == "published":
+            return published_ce(out.logits, out.targets)
+        return paper_ce(out.logits, out.targets, out.token_is_vla)
+
+    def l1(self, out: Outputs, batch: dict) -> torch.Tensor:
+        """L1 of the head on the VLA rows; with none, 0 x the head's idle output (so the head's
+        parameters still get a zero gradient, see RynnModel.forward)."""
+        rows = out.vla_rows
+        if not bool(rows.any()):
+            return out.actions.float().sum() * 0.0
+        if self.cfg.l1_target == "quantized":
+            chunk, action_dim = out.actions.shape[1:]
+            target = quantized_target(batch["labels"][rows], chunk, action_dim)
+        else:
+            target = batch["actions"][rows]
+        return l1(out.actions, target)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

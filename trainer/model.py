@@ -4,9 +4,11 @@ action head. Logits are computed only at supervised positions.
 transformers' `ChameleonForConditionalGeneration` forces every image-token logit to the minimum
 float (it is a text generator), so image CE through it would be infinite: this model owns
 `lm_head`. The backbone's VQ model is dead weight with pretokenized data and is not built.
+The forward pass returns what the loss needs (`Outputs`); trainer/loss.py computes the terms.
 
     model = RynnModel(PRESETS["tiny"], chunk=5, action_dim=7)
-    losses = model(batch)           # {"loss", "ce_action", "ce_image", "l1", ...}
+    out = model(batch)              # Outputs: supervised logits and targets, the head's actions
+    terms = Loss(train_cfg.loss)(out, batch)       # {"loss", "ce_action", "ce_image", "l1"}
 
 Inference (SPEC.md 8), the same mask as training:
     model = trainer.checkpoint.load_model(Path("runs/demo/step-000300"))
@@ -17,15 +19,16 @@ Token-by-token decoding with a KV cache lives in trainer/policy.py (Stepper, Bac
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import ChameleonConfig, ChameleonModel
 
 from pipeline.errors import RynnError
 from shards import vocab
-from trainer import loss as losses
-from trainer.config import ModelConfig, TrainConfig
+from trainer.config import ModelConfig
 from trainer.head import ActionHead
 from trainer.mask import attention_mask_4d
 
@@ -45,6 +48,16 @@ def chameleon_config(cfg: ModelConfig) -> ChameleonConfig:
         rms_norm_eps=cfg.rms_norm_eps, swin_norm=cfg.swin_norm, hidden_act=cfg.hidden_act,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         attn_implementation="sdpa")
+
+
+class Outputs(NamedTuple):
+    """One forward pass (a NamedTuple, so DDP and FSDP find its tensors)."""
+
+    logits: torch.Tensor          # (N, V) at the N supervised positions
+    targets: torch.Tensor         # (N,) their target ids
+    token_is_vla: torch.Tensor    # (N,) bool: the position is in a VLA row
+    actions: torch.Tensor         # (R, K, D) the head on the R VLA rows; none: (1, K, D) idle
+    vla_rows: torch.Tensor        # (B,) bool
 
 
 class RynnModel(nn.Module):
@@ -79,47 +92,32 @@ class RynnModel(nn.Module):
                             torch.full_like(is_start[:, 0], ids.shape[1], dtype=torch.long))
         return (pos < first[:, None]) & valid.bool()
 
-    def forward(self, batch: dict, *, train_cfg: TrainConfig | None = None
-                ) -> dict[str, torch.Tensor]:
-        """Reader batch -> loss terms ({"loss", "ce_action", "ce_image", "l1"}; published mode:
-        {"loss", "ce", "z_loss", "l1"})."""
-        tc = train_cfg or TrainConfig()
+    def forward(self, batch: dict) -> Outputs:
+        """Reader batch -> the logits at supervised positions and the head's actions."""
         ids, labels = batch["input_ids"], batch["labels"]
         valid = batch["attention_mask"].bool()
         h = self.hidden(ids, valid)
-        out = self.token_losses(h, labels, batch["is_vla"], tc)
-        l1 = self.l1_loss(h, ids, valid, batch, tc)
-        out["loss"] = sum(out.values()) + tc.alpha_l1 * l1
-        out["l1"] = l1
-        return out
+        logits, targets, token_is_vla = self.supervised_logits(h, labels, batch["is_vla"])
+        rows = batch["is_vla"].bool()
+        return Outputs(logits, targets, token_is_vla, self.head_on_rows(h, ids, valid, rows), rows)
 
-    def token_losses(self, h: torch.Tensor, labels: torch.Tensor, is_vla: torch.Tensor,
-                     tc: TrainConfig) -> dict[str, torch.Tensor]:
+    def supervised_logits(self, h: torch.Tensor, labels: torch.Tensor, is_vla: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, targets, in a VLA row) at the positions whose next token is supervised."""
         target = labels[:, 1:]
         sel = target != vocab.IGNORE_INDEX
         logits = self.lm_head(h[:, :-1][sel])            # only supervised positions
-        targets = target[sel]
-        if tc.loss_mode == "published":
-            return losses.published_ce(logits, targets)
-        row_is_vla = is_vla.bool()[:, None].expand_as(target)[sel]
-        return losses.paper_ce(logits, targets, row_is_vla)
+        return logits, target[sel], is_vla.bool()[:, None].expand_as(target)[sel]
 
-    def l1_loss(self, h: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, batch: dict,
-                tc: TrainConfig) -> torch.Tensor:
-        """L1 of the head on the VLA rows. With none, the head still runs on one row and adds
-        0 x its output, so every parameter gets a (zero) gradient in every step: data-parallel
-        ranks then agree on which gradients exist (DDP needs no unused-parameter search; FSDP
+    def head_on_rows(self, h: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
+                     rows: torch.Tensor) -> torch.Tensor:
+        """The head on the VLA rows. With none, it still runs on one row (the loss adds 0 x its
+        output), so every parameter gets a (zero) gradient in every step: data-parallel ranks
+        then agree on which gradients exist (DDP needs no unused-parameter search; FSDP
         reduce-scatters the same tensors on every rank)."""
-        rows = batch["is_vla"].bool()
         if not bool(rows.any()):
-            idle = self.action_head(h[:1], self.head_context(ids[:1], valid[:1]))
-            return idle.float().sum() * 0.0
-        pred = self.action_head(h[rows], self.head_context(ids[rows], valid[rows]))
-        if tc.l1_target == "quantized":
-            target = losses.quantized_target(batch["labels"][rows], self.chunk, self.action_dim)
-        else:
-            target = batch["actions"][rows]
-        return losses.l1(pred, target)
+            return self.action_head(h[:1], self.head_context(ids[:1], valid[:1]))
+        return self.action_head(h[rows], self.head_context(ids[rows], valid[rows]))
 
     # -- inference
 
@@ -137,7 +135,6 @@ class RynnModel(nn.Module):
         """Load a local Hugging Face-format Chameleon checkpoint (`model.*` backbone keys,
         `lm_head.weight`; `model.vqmodel.*` is ignored). Every backbone and lm_head weight must
         be present with the preset's shape; the action head stays freshly initialized."""
-        from safetensors.torch import load_file
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise RynnError(f"--init {path}: no *.safetensors files (a Hugging Face Chameleon "

@@ -16,9 +16,7 @@ only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -27,9 +25,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from rich.markup import escape
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
 
 from pipeline.errors import RynnError
+from pipeline.group import Group
 from pipeline.io import read_json, sha256_file, write_bytes, write_json
 from pipeline.publish import hold
 from pipeline.progress import Progress, console
@@ -38,6 +37,7 @@ from shards.reader import ShardReader
 from shards.remote import RemoteShardSet, is_url
 from trainer import checkpoint as ckpt
 from trainer.config import ModelConfig, TrainConfig
+from trainer.loss import Loss
 from trainer.model import RynnModel
 from trainer.pretrained import reconcile
 from trainer.schedule import lr_at
@@ -49,17 +49,13 @@ TERMS = ("loss", "ce_action", "ce_image", "l1", "ce", "z_loss")
 # Setup.
 # ---------------------------------------------------------------------------------------------
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+def setup_distributed() -> tuple[Group, torch.device]:
+    """This rank's group (joined: nccl on CUDA, gloo on CPU; torch's default timeout) and
+    device, from torchrun's environment (pipeline/group.py)."""
+    group = Group.from_env()
+    device = group.device()
+    group.join(device, timeout_s=None)
+    return group, device
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -123,12 +119,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 def wrap(model: RynnModel, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
     """DDP (default) or FSDP2 (`distributed=fsdp`: each decoder layer a shard unit, then the
-    root). Every parameter gets a gradient every step (see RynnModel.l1_loss), so DDP needs no
-    unused-parameter search."""
+    root). Every parameter gets a gradient every step (see RynnModel.head_on_rows), so DDP
+    needs no unused-parameter search."""
     if world == 1:
         return model
     if cfg.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
         for layer in model.backbone.layers:
             fully_shard(layer)
         return fully_shard(model)
@@ -197,19 +192,21 @@ class Terms:
 
 
 @torch.no_grad()
-def evaluate(net: torch.nn.Module, shards: Path | str, cfg: TrainConfig, device: torch.device,
-             rank: int, world: int) -> dict[str, float]:
+def evaluate(net: torch.nn.Module, loss: Loss, shards: Path | str, cfg: TrainConfig,
+             device: torch.device, group: Group) -> dict[str, float]:
     """Mean loss terms over `eval_batches` batches of the held-out split (all ranks); none when
     the shard set holds no held-out sample (compat=published: LeRobot has no split)."""
     if not split_samples(shards, "val"):
         return {}
     net.eval()
     terms = Terms()
-    with ShardReader(shards, batch_size=cfg.batch_size, split="val", seed=cfg.seed, rank=rank,
-                     world_size=world, shuffle=False, mix=cfg.mix) as reader:
+    with ShardReader(shards, batch_size=cfg.batch_size, split="val", seed=cfg.seed,
+                     rank=group.rank, world_size=group.world, shuffle=False,
+                     mix=cfg.mix) as reader:
         for _, batch in zip(range(cfg.eval_batches), reader):
+            batch = to_device(batch, device)
             with autocast(cfg, device):
-                out = net(to_device(batch, device), train_cfg=cfg)
+                out = loss(net(batch), batch)
             terms.add(out, batch)
     net.train()
     return {f"val_{k}": v for k, v in terms.mean(device).items()}
@@ -259,7 +256,7 @@ def finished(run: Path, cfg: TrainConfig, shards: Path | str) -> bool:
 
 
 def plot(run: Path) -> Path:
-    import matplotlib
+    import matplotlib            # in here: pyplot loads only once the Agg backend is chosen
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -286,22 +283,21 @@ def plot(run: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, shards: Path | str, out: Path, *, resume: bool = False,
-          init: Path | None = None, stop_after: int | None = None) -> Path:
+          init: Path | None = None) -> Path:
     """Train on `shards` (a directory or a URL) into run directory `out`; returns the latest
     checkpoint directory.
     `cfg` carries the preset and step count (`resolve_train_config(preset, sets, steps=)`).
-    `stop_after` ends the process's work early at that step (tests: a run stopped mid-way).
     An exported shard set is held for the whole run (pipeline/publish.py): a re-export meanwhile
     publishes a new version beside it, and this run reads the version it started on."""
     if is_url(shards):
-        return _train(cfg, str(shards), out, resume=resume, init=init, stop_after=stop_after)
+        return _train(cfg, str(shards), out, resume=resume, init=init)
     with hold(Path(shards)) as snapshot:
-        return _train(cfg, snapshot, out, resume=resume, init=init, stop_after=stop_after)
+        return _train(cfg, snapshot, out, resume=resume, init=init)
 
 
 def _train(cfg: TrainConfig, shards: Path | str, out: Path, *, resume: bool,
-           init: Path | None, stop_after: int | None) -> Path:
-    rank, world, device = setup_distributed()
+           init: Path | None) -> Path:
+    group, device = setup_distributed()
     limit_threads(local_processes())                # this rank's share of the cores
     out = Path(out)
     shards = str(shards) if is_url(shards) else Path(shards)   # a URL: shards/remote.py
@@ -314,28 +310,26 @@ def _train(cfg: TrainConfig, shards: Path | str, out: Path, *, resume: bool,
                       "(raise --steps to train further)")
         return ckpt.latest(out)
     if init is not None:
-        cfg = replace(cfg, model=init_model_config(cfg.model, Path(init), rank))
+        cfg = replace(cfg, model=init_model_config(cfg.model, Path(init), group.rank))
     model = build_model(cfg, card, init, device)
-    net = wrap(model, cfg, world, device)
+    net = wrap(model, cfg, group.world, device)
     optimizer = build_optimizer(net, cfg)
-    torch.manual_seed(cfg.seed + rank)              # each rank draws its own dropout
+    torch.manual_seed(cfg.seed + group.rank)        # each rank draws its own dropout
     reader = ShardReader(shards, batch_size=cfg.batch_size, split=training_split(cfg, shards),
                          mix=cfg.mix,
-                         seed=cfg.seed, rank=rank, world_size=world)
+                         seed=cfg.seed, rank=group.rank, world_size=group.world)
     state = restore(out, card, cfg, net, optimizer, reader) if resume else {"step": 0}
-    if rank == 0:
+    if group.leader:
         out.mkdir(parents=True, exist_ok=True)
         for debris in ckpt.remove_debris(out):
             console.print(f"removed {debris.name} (left by a killed save)")
         truncate_metrics(out, state["step"])
         write_json(out / "train_config.json", asdict(cfg))
-    loop(cfg, net, optimizer, reader, state, shards, out, card, device, stop_after)
+    loop(cfg, net, Loss(cfg.loss), optimizer, reader, state, shards, out, card, device, group)
     reader.close()
-    if rank == 0:
+    if group.leader:
         plot(out)
-    if world > 1:
-        write_rank_digest(net, out, rank)
-        dist.barrier()
+    group.barrier()
     return ckpt.latest(out) or out
 
 
@@ -373,23 +367,22 @@ def check_same_run(step_dir: Path, card: dict[str, Any], cfg: TrainConfig) -> No
                             "--out (the data order depends on it)")
 
 
-def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def loop(cfg: TrainConfig, net: torch.nn.Module, loss: Loss, optimizer: torch.optim.Optimizer,
          reader: ShardReader, state: dict[str, Any], shards: Path | str, out: Path,
-         card: dict[str, Any], device: torch.device, stop_after: int | None) -> None:
-    rank, world = ckpt.rank_and_world()
+         card: dict[str, Any], device: torch.device, group: Group) -> None:
     batches = reader.forever()
     net.train()
     window = Window()
-    with Progress(cfg.steps - state["step"], "train", disable=rank != 0) as bar:
+    with Progress(cfg.steps - state["step"], "train", disable=not group.leader) as bar:
         while state["step"] < cfg.steps:
             # ---- once in a while: evaluate on the held-out split
             if state["step"] > 0 and state["step"] % cfg.eval_every == 0:
                 check_shards_unchanged(shards, card)
-                metrics = evaluate(net, shards, cfg, device, rank, world)
-                if rank == 0 and metrics:
+                metrics = evaluate(net, loss, shards, cfg, device, group)
+                if group.leader and metrics:
                     log(out, {"step": state["step"], **metrics})
             # ---- single training step
-            window.add(train_step(cfg, net, optimizer, batches, state["step"], device))
+            window.add(train_step(cfg, net, loss, optimizer, batches, state["step"], device))
             state["step"] += 1
             state["reader"] = reader.state_dict()
             bar.advance()
@@ -397,15 +390,13 @@ def loop(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimize
             done = state["step"] == cfg.steps
             if state["step"] % cfg.log_every == 0 or done:
                 row = window.flush(device)
-                if rank == 0:
+                if group.leader:
                     log(out, {"step": state["step"], **row})
             if state["step"] % cfg.save_every == 0 or done:
                 ckpt.save(out, state["step"], net, optimizer, state, cfg, card, cfg.keep_last)
-            if stop_after is not None and state["step"] >= stop_after:
-                return
     check_shards_unchanged(shards, card)
-    metrics = evaluate(net, shards, cfg, device, rank, world)
-    if rank == 0 and metrics:
+    metrics = evaluate(net, loss, shards, cfg, device, group)
+    if group.leader and metrics:
         log(out, {"step": state["step"], **metrics})
 
 
@@ -417,8 +408,9 @@ def check_shards_unchanged(shards: Path | str, card: dict[str, Any]) -> None:
                         "a new --out)")
 
 
-def train_step(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               batches, step: int, device: torch.device) -> dict[str, Any]:
+def train_step(cfg: TrainConfig, net: torch.nn.Module, loss: Loss,
+               optimizer: torch.optim.Optimizer, batches, step: int, device: torch.device
+               ) -> dict[str, Any]:
     """One optimizer step over `grad_accum` micro-batches; returns this rank's numbers."""
     lr = lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, kind=cfg.schedule,
                min_ratio=cfg.min_lr_ratio)
@@ -431,7 +423,7 @@ def train_step(cfg: TrainConfig, net: torch.nn.Module, optimizer: torch.optim.Op
         t1 = time.perf_counter()
         with gradient_sync(net, micro == cfg.grad_accum - 1):
             with autocast(cfg, device):
-                out = net(batch, train_cfg=cfg)
+                out = loss(net(batch), batch)
             check_finite(out["loss"], step)
             (out["loss"] / cfg.grad_accum).backward()
         terms.add(out, batch)
@@ -481,12 +473,3 @@ class Window:
         out["tokens_per_s"] = out["tokens"] / max(out["data_wait_s"] + out["compute_s"], 1e-9)
         return out
 
-
-def write_rank_digest(net: torch.nn.Module, out: Path, rank: int) -> None:
-    """Each rank's sha256 of the full weights (a 2-process test checks they are identical)."""
-    weights = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        h.update(name.encode())
-        h.update(weights[name].detach().float().cpu().numpy().tobytes())
-    write_json(out / f"rank-{rank}.json", {"rank": rank, "sha256": h.hexdigest()})
