@@ -230,7 +230,7 @@ def test_training_reads_the_version_it_started_on_while_the_set_is_reexported(
     import trainer.train as loop
     from pipeline.publish import export
     from pipeline.workflow import resolve_config, tokenize
-    from trainer.card import read_card
+    from trainer.card import read_card, resolve_checkpoint
     other = tmp_path / "other"
     tokenize(resolve_config("demo", ["image.resolution=32", "image.vq_random_arch=small",
                                      "conv.chunk=4"]),
@@ -251,7 +251,7 @@ def test_training_reads_the_version_it_started_on_while_the_set_is_reexported(
     result = train_cli(dst, tmp_path / "run", 4)
     assert result.exit_code == 0, result.output
     assert kept == [True] and dst.parent / os.readlink(dst) != first
-    assert read_card(tmp_path / "run" / "latest").chunk == 3    # trained on what it started on
+    assert read_card(resolve_checkpoint(tmp_path / "run")).chunk == 3   # what it started on
     assert json.loads((dst / "manifest.json").read_text())["conv"]["chunk"] == 4
     export(other / "shards", dst)                         # the next export removes the old one
     assert not first.exists()
