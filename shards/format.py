@@ -133,6 +133,8 @@ def tar_members(buf: bytes, *, file: str = "", partial: bool = False,
     while pos + 512 <= total and buf[pos] != 0:
         size = int(buf[pos + 124:pos + 136].rstrip(b"\0 ") or b"0", 8)
         start, flag = pos + 512, buf[pos + 156]
+        if strict and not _checksum_ok(buf, pos):
+            raise DataError(f"tar header at byte {pos} fails its checksum", file=file)
         if start + size > total:
             if partial:
                 return
@@ -146,6 +148,13 @@ def tar_members(buf: bytes, *, file: str = "", partial: bool = False,
             raise DataError(f"non-file tar member {_header_name(buf, pos)!r}", file=file)
         # otherwise directories, links and global pax headers carry no sample data
         pos = start + ((size + 511) & ~511)
+
+
+def _checksum_ok(buf: bytes, pos: int) -> bool:
+    """The header's stored checksum equals the sum of its bytes, the checksum field as spaces."""
+    header = buf[pos:pos + BLOCK]
+    stored = int(header[148:156].rstrip(b"\0 ") or b"0", 8)
+    return stored == 8 * 32 + sum(header[:148]) + sum(header[156:])
 
 
 def _header_name(buf: bytes, pos: int) -> str:

@@ -36,7 +36,7 @@ class ShardSet:
                  remote: RemoteShardSet | None = None) -> None:
         self.root, self.remote, self.where = root, remote, where
         self.manifest_file = f"{where}/{MANIFEST}"
-        self.sha256 = sha256_bytes(manifest_bytes)
+        self.manifest_bytes, self.sha256 = manifest_bytes, sha256_bytes(manifest_bytes)
         try:
             self.manifest: dict[str, Any] = json.loads(manifest_bytes)
             kinds = {e["kind"] for e in self.manifest["shards"]}
@@ -48,12 +48,14 @@ class ShardSet:
                             file=self.manifest_file)
 
     @classmethod
-    def open(cls, location: "str | Path | ShardSet") -> "ShardSet":
-        """The shard set at a directory or URL (an open `ShardSet` is returned as it is)."""
+    def open(cls, location: "str | Path | ShardSet", *, cache_dir: str | Path | None = None,
+             max_bytes: int | None = None) -> "ShardSet":
+        """The shard set at a directory or URL (an open `ShardSet` is returned as it is);
+        `cache_dir`, `max_bytes`: the local cache of a URL set (shards/remote.py)."""
         if isinstance(location, ShardSet):
             return location
         if is_url(location):
-            remote = RemoteShardSet(str(location))
+            remote = RemoteShardSet(str(location), cache_dir=cache_dir, max_bytes=max_bytes)
             return cls(remote.root, remote.manifest_bytes, where=remote.url, remote=remote)
         root = Path(location)
         try:
