@@ -31,10 +31,15 @@ import numpy as np
 import torch
 
 from pipeline.errors import RynnError
+from pipeline.io import write_bytes, write_json
+from pipeline.media import png_bytes
 from shards import vocab
 from shards.conversation import assemble, image_blocks
 from shards.bins import to_bins
+from shards.shard_set import ShardSet
+from shards.vq_decoder import decode
 from trainer.engine import Stepper
+from trainer.metrics import psnr, ssim
 from trainer.policy import check_image
 
 VIEWS = ("front", "wrist")
@@ -149,7 +154,6 @@ def response_codes(policy, response: np.ndarray) -> np.ndarray:
 
 def decode_codes(policy, codes: np.ndarray) -> np.ndarray:
     """(..., h, w) codes -> (..., H, W, 3) uint8 with the checkpoint's VQ-GAN decoder."""
-    from shards.vq_decoder import decode
     codes = np.asarray(codes)
     flat = decode(policy.processor.vq, codes.reshape(-1, *codes.shape[-2:]))
     return flat.reshape(*codes.shape[:-2], *flat.shape[1:])
@@ -222,8 +226,6 @@ def imagine(policy, front: np.ndarray, wrist: np.ndarray, action: np.ndarray, *,
 
 def write_frames(images: np.ndarray, out: Path) -> list[str]:
     """step_NNN_<view>.png for each (step, view) image."""
-    from pipeline.media import png_bytes
-    from pipeline.io import write_bytes
     files = []
     for i, pair in enumerate(images):
         for view, img in zip(VIEWS, pair):
@@ -246,24 +248,21 @@ class Trajectory:
     truth: np.ndarray            # (steps, 2, h, w) ground-truth next-frame codes
 
 
-def wm_samples_by_episode(shards: str | Path, split: str) -> dict[str, list]:
+def wm_samples_by_episode(shards: str | Path | ShardSet, split: str) -> dict[str, list]:
     """World-model samples of `split`, grouped by episode and sorted by step."""
-    from pipeline.io import read_json
-    from shards.reader import read_shard
-    root = Path(shards)
+    shard_set = ShardSet.open(shards)
     groups: dict[str, list] = {}
-    for entry in read_json(root / "manifest.json")["shards"]:
-        if entry["kind"] == "wm":
-            for s in read_shard(root / entry["path"], split):
-                episode, step = s.key.rsplit("__", 1)
-                groups.setdefault(episode, []).append((int(step), s))
+    for entry in shard_set.entries("wm"):
+        for s in shard_set.read(entry, split):
+            episode, step = s.key.rsplit("__", 1)
+            groups.setdefault(episode, []).append((int(step), s))
     return {e: [s for _, s in sorted(v, key=lambda x: x[0])] for e, v in sorted(groups.items())}
 
 
-def pick_trajectory(policy, shards: str | Path, steps: int, episode: str | None = None,
+def pick_trajectory(policy, shards: str | Path | ShardSet, steps: int, episode: str | None = None,
                     start: int = 0) -> Trajectory:
     """`steps` consecutive world-model samples of one held-out (else training) episode."""
-    split = "val"
+    shards, split = ShardSet.open(shards), "val"
     groups = wm_samples_by_episode(shards, split)
     if not groups:
         split, groups = "train", wm_samples_by_episode(shards, "train")
@@ -298,17 +297,14 @@ def trajectory_of(policy, episode: str, split: str, samples: list) -> Trajectory
     return Trajectory(episode, split, start, np.stack(bins), np.asarray(truth))
 
 
-def rollout(policy, shards: str | Path, *, steps: int = 8, out: str | Path,
+def rollout(policy, shards: str | Path | ShardSet, *, steps: int = 8, out: str | Path,
             episode: str | None = None, start: int = 0) -> dict[str, Any]:
     """Feed predictions back along a held-out trajectory; write the strip PNG and metrics."""
-    from trainer.metrics import psnr, ssim
     traj = pick_trajectory(policy, shards, steps, episode, start)
     pred, _ = imagine_codes(policy, traj.start_codes, traj.bins)
     images, truth = decode_codes(policy, pred), decode_codes(policy, traj.truth)
     out = Path(out)
     strip = strip_image(images, truth)
-    from pipeline.media import png_bytes
-    from pipeline.io import write_bytes, write_json
     write_bytes(out / "rollout_strip.png", png_bytes(strip))
     report = {"episode": traj.episode, "split": traj.split, "start": start, "steps": steps,
               "held_out": traj.split == "val",
