@@ -37,18 +37,25 @@ upright) for the first `videos` episodes and `contact_sheet.png` (one row per vi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import multiprocessing as mp
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from rich.table import Table
 
 from pipeline.config import ConfigError
+from pipeline.io import write_bytes, write_json
 from pipeline.media import write_video
+from pipeline.progress import Progress, console
+from shards.shard_set import ShardSet
 from sim.env import Env, EnvError, Observation, make_env
 
 BASELINES = ("expert", "replay", "mean")
@@ -160,7 +167,7 @@ class PolicyAgent:
         self.malformed = []
 
     def chunk(self, env: Env, obs: Observation, prev: Observation | None) -> np.ndarray:
-        from trainer.card import MalformedActions
+        from trainer.card import MalformedActions  # torch (slow): baselines skip it
         prev = prev if self.history else None
         try:
             return self.policy.act(obs.instruction, obs.state, obs.front, obs.wrist,
@@ -174,11 +181,12 @@ class PolicyAgent:
 
 def baseline_card(path: Path):
     """The card the `mean` baseline reads: a checkpoint's, or one made from a shard directory."""
-    from trainer.checkpoint import processor_card
-    from trainer.card import PolicyError, parse_card, read_card, resolve_checkpoint
+    from trainer.checkpoint import processor_card  # torch (slow): baselines skip it
+    from trainer.card import PolicyError, parse_card, read_card, resolve_checkpoint  # torch
     path = Path(path)
-    if (path / "manifest.json").is_file():
-        return parse_card(processor_card(path), where=str(path / "manifest.json"))
+    if ShardSet.is_shard_set(path):
+        shards = ShardSet.open(path)
+        return parse_card(processor_card(shards), where=shards.manifest_file)
     try:
         return read_card(resolve_checkpoint(path))
     except PolicyError as exc:
@@ -193,7 +201,7 @@ def build_agent(cfg: RolloutConfig) -> Agent:
         return ReplayAgent()
     if cfg.policy == "mean":
         return MeanAgent(baseline_card(cfg.shards))
-    from trainer.policy import Policy
+    from trainer.policy import Policy  # torch (slow): baselines skip it
     policy = Policy.from_checkpoint(cfg.policy, vq_path=cfg.vq_path,
                                     tokenizer_path=cfg.tokenizer_path)
     if not cfg.code_cache:
@@ -298,13 +306,10 @@ def _run_here(cfg: RolloutConfig, seeds: list[int], recorded: set[int], bar) -> 
 
 
 def _run_all(cfg: RolloutConfig, seeds: list[int], recorded: set[int]) -> list[Episode]:
-    from pipeline.progress import Progress
     out: list[Episode] = []
     with Progress(len(seeds), f"rollout {cfg.policy} in {cfg.env}") as bar:
         if cfg.procs == 1:
             return _run_here(cfg, seeds, recorded, bar)
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(min(cfg.procs, len(seeds)), mp_context=mp.get_context("spawn"),
                                  initializer=_worker_init, initargs=(cfg,)) as pool:
             futures = [pool.submit(_worker_run, s, s in recorded) for s in seeds]
@@ -350,8 +355,6 @@ def summarize(cfg: RolloutConfig, records: list[dict[str, Any]]) -> dict[str, An
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    from rich.table import Table
-    from pipeline.progress import console
     table = Table(title=f"{summary['policy']} in {summary['env']} ({summary['mode']})")
     for col in ("task", "episodes", "success", "95% Wilson", "mean steps"):
         table.add_column(col)
@@ -375,8 +378,7 @@ def sheet_frames(frames: list[np.ndarray]) -> list[np.ndarray]:
 
 def contact_sheet(episodes: list[Episode]) -> bytes:
     """PNG bytes: one row per episode (a green or red bar for success), sampled frames."""
-    import io
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # Pillow loads only where the sheet is drawn
     h, w = episodes[0].frames[0].shape[:2]
     bar, label = 8, 14
     sheet = Image.new("RGB", (bar + SHEET_COLUMNS * w, len(episodes) * (h + label)), (20, 20, 20))
@@ -405,7 +407,7 @@ def check_runnable(cfg: RolloutConfig) -> int:
     if cfg.policy == "mean":
         baseline_card(cfg.shards)
     elif cfg.policy not in BASELINES:
-        from trainer.card import read_card, resolve_checkpoint
+        from trainer.card import read_card, resolve_checkpoint  # torch (slow): baselines skip it
         read_card(resolve_checkpoint(cfg.policy))
     probe = make_env(cfg.env, **cfg.env_kwargs)
     try:
@@ -426,7 +428,6 @@ def episode_seeds(cfg: RolloutConfig, num_tasks: int) -> list[int]:
 
 def rollout(cfg: RolloutConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run every episode, write episodes.jsonl, summary.json, videos and the contact sheet."""
-    from pipeline.io import write_bytes, write_json
     num_tasks = check_runnable(cfg)
     seeds = episode_seeds(cfg, num_tasks)
     recorded = set(seeds[:cfg.videos])

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from pipeline.errors import RynnError
+from shards.shard_set import ShardSet
 from pipeline.io import fsync_dir, read_json, sha256_file, write_bytes, write_json
 from trainer.config import ModelConfig, TrainConfig
 
@@ -44,12 +45,13 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def processor_card(shards: Path, recipe_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+def processor_card(shards: str | Path | ShardSet) -> dict[str, Any]:
     """What inference needs to reproduce training's preprocessing, from the shard manifest."""
-    man = read_json(shards / "manifest.json")
+    shard_set = ShardSet.open(shards)
+    man = shard_set.manifest
     conv, images = man["conv"], man.get("images", {})
-    return {"schema": 1, "shards_manifest_sha256": sha256_file(shards / "manifest.json"),
-            "stats": read_json(shards / man["stats"]["path"]), "tokenizer": man["tokenizer"],
+    return {"schema": 1, "shards_manifest_sha256": shard_set.sha256,
+            "stats": shard_set.stats_record(), "tokenizer": man["tokenizer"],
             "vq": man["vq"], "vocab": man["vocab"], "recipe": man["recipe"],
             "K": conv["chunk"], "D": conv["action_dim"], "state_dim": conv["state_dim"],
             "M": conv["history"], "resolution": man["vocab"]["resolution"],
@@ -201,7 +203,7 @@ def read_config(step_dir: Path) -> tuple[TrainConfig, int, int]:
 
 def load_model(step_dir: Path) -> torch.nn.Module:
     """The network of a checkpoint directory (eval mode, CPU)."""
-    from trainer.model import RynnModel
+    from trainer.model import RynnModel  # imports transformers (slow): only loading needs it
     cfg, chunk, action_dim = read_config(step_dir)
     model = RynnModel(cfg.model, chunk=chunk, action_dim=action_dim)
     try:
