@@ -260,7 +260,7 @@ def check_shard(shards: ShardSet, entry: dict[str, Any], lay: Layout, splits: di
             counts["tokens"] += meta.get("n_tokens", 0)
             sp = meta.get("split", "?")
             counts["splits"][sp] = counts["splits"].get(sp, 0) + 1
-    except (OSError, EOFError, zlib.error, DataError, ValueError, KeyError, UnicodeDecodeError,
+    except (OSError, EOFError, zlib.error, DataError, ValueError, KeyError,
             json.JSONDecodeError) as exc:
         problems.append(f"unreadable: {type(exc).__name__}: {exc}")
     report.problems += [f"{name}: {p}" for p in problems[:MAX_PER_SHARD]]
