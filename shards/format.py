@@ -212,25 +212,30 @@ def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
 def parse_members(key: str, members: dict[str, Any], *, file: str = "") -> dict[str, Any]:
     """{"key", "meta", "tokens", "chunk"} of a sample read back from its members, unchecked
     beyond parsing (`rynn-pipe verify` and `inspect` judge the rest themselves)."""
-    if TOKENS not in members or META not in members:
-        raise DataError(f"sample lacks {TOKENS} or {META} (has {sorted(members)})", file=file,
-                        key=key)
-    chunk = members.get(CHUNK)
-    return {"key": key, "meta": json.loads(bytes(members[META])),
-            "tokens": decode_npy(members[TOKENS], what=f"{key}.{TOKENS}"),
-            "chunk": None if chunk is None else decode_npy(chunk, what=f"{key}.{CHUNK}")}
+    meta, tokens, chunk = _parse(key, members, file)
+    return {"key": key, "meta": meta, "tokens": tokens, "chunk": chunk}
 
 
 def decode_sample(key: str, members: dict[str, Any], *, file: str = "") -> Sample:
     """A training `Sample` from its members: tokens 1-D uint16, a 2-D chunk for VLA."""
-    s = parse_members(key, members, file=file)
-    tokens, chunk, meta = s["tokens"], s["chunk"], s["meta"]
+    meta, tokens, chunk = _parse(key, members, file)
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise DataError(f"tokens must be 1-D uint16, got {tokens.dtype} {tokens.shape}",
                         file=file, key=key)
     if meta.get("kind") == VLA and (chunk is None or chunk.ndim != 2):
         raise DataError("VLA sample needs a 2-D chunk.npy", file=file, key=key)
     return Sample(key, tokens, meta["targets"], chunk, meta["split"])
+
+
+def _parse(key: str, members: dict[str, Any], file: str
+           ) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+    """(meta, tokens, chunk or None) of a sample's members (npy payloads as read-only views)."""
+    if TOKENS not in members or META not in members:
+        raise DataError(f"sample lacks {TOKENS} or {META} (has {sorted(members)})", file=file,
+                        key=key)
+    chunk = members.get(CHUNK)
+    return (json.loads(bytes(members[META])), decode_npy(members[TOKENS], what=f"{key}.{TOKENS}"),
+            None if chunk is None else decode_npy(chunk, what=f"{key}.{CHUNK}"))
 
 
 def decode_shard(buf: bytes, split: str = "all", *, file: str = "") -> list[Sample]:
