@@ -14,7 +14,8 @@ A sample with key `<episode_id>__<step:06d>` has members
         sample = decode_sample(key, members)                              # a reader `Sample`
 
 Reading is one lean 512-byte tar header walk (pax and GNU long names, ustar prefixes) and
-`np.frombuffer` views for the npy payloads (C order, checked header): no copies, no `tarfile`.
+`np.frombuffer` views for the npy payloads (C order, checked header): no copies; `tarfile` only
+builds the headers written.
 """
 
 from __future__ import annotations

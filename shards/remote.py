@@ -7,7 +7,7 @@ sha256 checked against the manifest before any of its samples is used.
 
     remote = RemoteShardSet("http://127.0.0.1:8000/shards")
     with remote.local("vla-000000.tar.gz") as path:   # downloaded once, sha256-checked, pinned
-        samples = read_shard(path)
+        samples = read_shard(path)                     # shards/shard_set.py
     ShardSet.open("http://127.0.0.1:8000/shards")     # how the rest of rynn-pipe opens one
 
 `ShardSet.open(url)` (shards/shard_set.py) wraps this: callers never branch on URL vs directory.
@@ -37,8 +37,8 @@ from typing import Any, BinaryIO, Iterator
 
 from pipeline.errors import DataError
 from pipeline.io import sha256_bytes, write_bytes
+from shards.format import MANIFEST
 
-MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 DEFAULT_CACHE_GB = 8.0
 

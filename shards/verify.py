@@ -37,8 +37,8 @@ from pipeline.errors import DataError
 from pipeline.io import dumps_json, sha256_bytes
 from shards import vocab
 from shards.conversation import VLA
-from shards.format import (CHUNK, MANIFEST, META, SCHEMA, TOKENS, iter_samples, manifest_digest,
-                           parse_members, tar_bytes)
+from shards.format import (CHUNK, MANIFEST, META, SCHEMA, STATS, TOKENS, iter_samples,
+                           manifest_digest, parse_members, tar_bytes)
 from shards.shard_set import ShardSet
 from shards.tokenizer import special_mask
 from shards.bins import from_bins
@@ -292,7 +292,7 @@ def check_files(root: Path, manifest: dict[str, Any], report: Report) -> None:
         if p.name.endswith((".tar", ".tar.gz")) and p.name not in listed:
             report.problems.append(f"{p.name}: shard file not listed in the manifest")
     stats = manifest.get("stats", {})
-    path = root / stats.get("path", "stats.json")
+    path = root / stats.get("path", STATS)
     if not path.is_file() or sha256_bytes(path.read_bytes()) != stats.get("sha256"):
         report.problems.append(f"{path.name}: missing or sha256 differs from the manifest")
 
