@@ -120,3 +120,22 @@ def test_current_sha256_sees_a_rewritten_manifest(shard_set_dir):
     manifest["shards"] = manifest["shards"][:1]
     (shard_set_dir / "manifest.json").write_text(json.dumps(manifest))
     assert shards.current_sha256() != shards.sha256
+
+
+def test_a_missing_record_names_the_manifest(shard_set_dir):
+    shards = ShardSet.open(shard_set_dir)
+    assert shards.record("schema") == 1
+    with pytest.raises(DataError, match=r"manifest has no 'conv' record \[file=.*manifest.json\]"):
+        shards.record("conv")
+
+
+def test_stats_are_read_only_when_they_match_the_manifest(shard_set_dir):
+    manifest = json.loads((shard_set_dir / "manifest.json").read_text())
+    data = b'{"schema": 1}'
+    (shard_set_dir / "stats.json").write_bytes(data)
+    manifest["stats"] = {"path": "stats.json", "sha256": sha256_bytes(data)}
+    (shard_set_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert ShardSet.open(shard_set_dir).stats_record() == {"schema": 1}
+    (shard_set_dir / "stats.json").write_bytes(b'{"schema": 2}')
+    with pytest.raises(DataError, match=r"stats differ from their sha256 in manifest.json.*stats"):
+        ShardSet.open(shard_set_dir).stats_record()

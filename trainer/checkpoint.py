@@ -48,13 +48,13 @@ def step_name(step: int) -> str:
 def processor_card(shards: str | Path | ShardSet) -> dict[str, Any]:
     """What inference needs to reproduce training's preprocessing, from the shard manifest."""
     shard_set = ShardSet.open(shards)
-    man = shard_set.manifest
-    conv, images = man["conv"], man.get("images", {})
+    man, record = shard_set.manifest, shard_set.record
+    conv, images = record("conv"), man.get("images", {})
     return {"schema": 1, "shards_manifest_sha256": shard_set.sha256,
-            "stats": shard_set.stats_record(), "tokenizer": man["tokenizer"],
-            "vq": man["vq"], "vocab": man["vocab"], "recipe": man["recipe"],
+            "stats": shard_set.stats_record(), "tokenizer": record("tokenizer"),
+            "vq": record("vq"), "vocab": record("vocab"), "recipe": record("recipe"),
             "K": conv["chunk"], "D": conv["action_dim"], "state_dim": conv["state_dim"],
-            "M": conv["history"], "resolution": man["vocab"]["resolution"],
+            "M": conv["history"], "resolution": record("vocab")["resolution"],
             "orientation": images.get("orientation", "rot180"),
             "relative_action_dims": conv.get("relative_action_dims", []),
             "fit": images.get("fit", "square"), **wm_facts(man)}
