@@ -434,7 +434,7 @@ def _validate(batch_size: int, split: str, mix: float | None, rank: int, world_s
 
 def load_hf_dataset(root: str | Path, kind: str = "vla", cache_dir: str | Path | None = None):
     """The `kind` shards as a Hugging Face `datasets.Dataset` (its `webdataset` builder)."""
-    import datasets  # heavy optional dependency, only for this export
+    import datasets  # slow to import; only this export needs it
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

@@ -77,7 +77,7 @@ def open_url(url: str, timeout: float = 60.0) -> Iterator[BinaryIO]:
         except urllib.error.URLError as exc:
             raise DataError(f"cannot fetch: {getattr(exc, 'reason', exc)}", file=url) from exc
         return
-    import fsspec
+    import fsspec  # slow to import; only non-http URLs need it
     try:
         handle = fsspec.open(url, "rb").open()
     except (OSError, ValueError, ImportError) as exc:
