@@ -14,22 +14,20 @@ code grids are drawn as colour maps instead.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import DataError, RynnError
-from pipeline.io import read_json
 from shards import vocab
 from shards.bins import from_bins
 from shards.conversation import parse_image_block, split_blocks
-from shards.format import MANIFEST, parse_members
+from shards.format import iter_samples, parse_members
 from shards.records import TokenizerRecord, VQRecord
-from shards.remote import RemoteShardSet, is_url
+from shards.shard_set import ShardSet
 from shards.tokenizer import TextTokenizer, TokenizerMismatch, load_tokenizer_from_record
-from shards.verify import Layout, read_samples, shard_bytes
+from shards.verify import Layout
 from shards.vq import load_vq_from_record
 from shards.vq_decoder import DecoderError, decode
 
@@ -41,24 +39,21 @@ COLOURS = {"bos": "#444444", "text": "#4e79a7", "state": "#59a14f", "image": "#f
 # Reading one sample.
 # ---------------------------------------------------------------------------------------------
 
-def find_sample(root: Path, manifest: dict[str, Any], kind: str, index: int,
-                remote=None) -> dict[str, Any]:
-    """Sample `index` (0-based, stored order) among the samples of `kind`; `remote`: the
-    `RemoteShardSet` of a URL shard set (the one shard needed is fetched and checked)."""
-    entries = [e for e in manifest["shards"] if e["kind"] == kind]
+def find_sample(shards: ShardSet, kind: str, index: int) -> dict[str, Any]:
+    """Sample `index` (0-based, stored order) among the samples of `kind` (of a URL shard set,
+    the one shard needed is fetched and checked)."""
+    entries = shards.entries(kind)
     total = sum(e["samples"] for e in entries)
     if not 0 <= index < total:
         raise RynnError(f"--index {index}: the shard set has {total} {kind} samples")
     for e in entries:
         if index < e["samples"]:
-            with (remote.local(e["path"]) if remote else nullcontext(root / e["path"])) as path:
-                data = shard_bytes(path, path.read_bytes())
-            for i, (key, members) in enumerate(read_samples(data)):
+            for i, (key, members) in enumerate(iter_samples(shards.tar(e), file=e["path"])):
                 if i == index:
-                    return parse_members(key, members)
+                    return parse_members(key, members, file=e["path"])
         index -= e["samples"]
     raise DataError("sample count differs from the manifest; run `rynn-pipe verify`",
-                    file=str(root))
+                    file=str(shards.root))
 
 
 def manifest_tokenizer(manifest: dict[str, Any]) -> TextTokenizer | None:
@@ -189,11 +184,10 @@ def inspect(directory: str | Path, out_png: str | Path, *, index: int = 0, kind:
     """Render sample `index` of `kind` ("vla" or "wm") of a shard set to `out_png`."""
     if kind not in ("vla", "wm"):
         raise RynnError(f"--kind {kind!r}: choose vla or wm")
-    remote = RemoteShardSet(str(directory)) if is_url(directory) else None
-    root, out_png = (remote.root if remote else Path(directory)), Path(out_png)
-    manifest = read_json(root / MANIFEST)
+    shards, out_png = ShardSet.open(directory), Path(out_png)
+    root, manifest = shards.root, shards.manifest
     lay = Layout.from_manifest(manifest)
-    sample = find_sample(root, manifest, kind, index, remote)
+    sample = find_sample(shards, kind, index)
     tokens = sample["tokens"].astype(np.int64)
     segs, problems = split_blocks(tokens, action_dim=lay.action_dim, state_dim=lay.state_dim)
     if problems:

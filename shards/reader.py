@@ -27,9 +27,10 @@ Resume. `state_dict()` is the reader epoch, the batches of it handed out, and ea
 (epoch, position) after the last batch handed out; `load_state_dict()` restores it. Skipping is
 arithmetic on manifest counts: only the block holding the position is read.
 
-URLs. `root` may be the URL of a shard set (`http(s)://`, or any fsspec URL): the manifest is read
-first and each shard is fetched into a bounded local cache and sha256-checked against the manifest
-before its samples are used (shards/remote.py); order, resume and per-rank counts are the same.
+URLs. `root` (a directory or an open `ShardSet`, shards/shard_set.py) may be the URL of a shard set
+(`http(s)://`, or any fsspec URL): the manifest is read first and each shard is fetched into a
+bounded local cache and sha256-checked against the manifest before its samples are used
+(shards/remote.py); order, resume and per-rank counts are the same.
 
 Speed. A shard is read whole (it is size-bounded): one gzip decompression (which releases the GIL,
 so loader threads overlap), a lean 512-byte tar header walk, `np.frombuffer` views for the npy
@@ -40,221 +41,56 @@ needed and not supported.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import gzip
-import json
-import re
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from pipeline.errors import DataError
-from pipeline.io import read_json, sha256_bytes
 from pipeline.threads import background, local_processes, threads_per_process
 from shards import vocab
-from shards.remote import RemoteShardSet, is_url
+from shards.format import KINDS, Sample
+from shards.shard_set import ShardSet, peek_chunk_shape
 
-KINDS = ("vla", "wm")
 SPLITS = ("train", "val", "all")
 STATE_SCHEMA = 1
 # rng tags keep the three random streams of the order apart
 _TAG_SHARDS, _TAG_BLOCK, _TAG_KINDS = 1, 2, 3
-_NPY_MAGIC = b"\x93NUMPY"
-_NPY_DESCR = re.compile(rb"'descr':\s*'([^']+)'")
-_NPY_SHAPE = re.compile(rb"'shape':\s*\(([^)]*)\)")
-_NPY_FORTRAN = re.compile(rb"'fortran_order':\s*True")
-
-
-class Sample(NamedTuple):
-    """One decoded sample. `tokens` is a read-only uint16 view into the decompressed shard."""
-    key: str
-    tokens: np.ndarray
-    targets: list
-    chunk: np.ndarray | None
-    split: str
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardInfo:
+    entry: dict[str, Any]   # the manifest's entry (path, sha256: a changed shard is refused)
     path: Path
     kind: str
     samples: int         # samples of the selected split
     total: int           # samples of every split
-    sha256: str | None = None   # from the manifest: a shard changed since it was read is refused
-
-
-# ---------------------------------------------------------------- decoding one shard
-
-
-def decode_npy(data: memoryview | bytes, *, what: str = "npy") -> np.ndarray:
-    """A read-only array viewing the payload of .npy bytes (no copy)."""
-    if data[:6] != _NPY_MAGIC:
-        raise DataError(f"{what}: not an .npy payload")
-    start = 10 if data[6] == 1 else 12
-    end = start + int.from_bytes(data[8:start], "little")
-    layout = _npy_layout(bytes(data[start:end]))
-    if layout is None:
-        raise DataError(f"{what}: unsupported .npy header {bytes(data[start:end])!r}")
-    dtype, dims, count = layout
-    arr = np.frombuffer(data, dtype, count, end)
-    return arr if len(dims) == 1 else arr.reshape(dims)
-
-
-@functools.lru_cache(maxsize=8192)
-def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
-    """(dtype, shape, count) of a C-order .npy header dict; None if unsupported."""
-    descr, shape = _NPY_DESCR.search(header), _NPY_SHAPE.search(header)
-    if descr is None or shape is None or _NPY_FORTRAN.search(header):
-        return None
-    dims = tuple(int(d) for d in shape.group(1).split(b",") if d.strip())
-    return np.dtype(descr.group(1).decode()), dims, int(np.prod(dims, dtype=np.int64))
-
-
-def tar_members(buf: bytes, *, file: str = "",
-                partial: bool = False) -> Iterator[tuple[str, memoryview]]:
-    """(name, payload) of each regular file of an uncompressed tar held in memory; `partial`: the
-    buffer is a prefix of the tar, stop quietly at its end."""
-    view, pos, total, long_name = memoryview(buf), 0, len(buf), None
-    while pos + 512 <= total and buf[pos] != 0:
-        size = int(buf[pos + 124:pos + 136].rstrip(b"\0 ") or b"0", 8)
-        start, flag = pos + 512, buf[pos + 156]
-        if start + size > total:
-            if partial:
-                return
-            raise DataError("truncated tar member", file=file)
-        if flag in (48, 0):                                  # b"0" or NUL: a regular file
-            yield long_name or _header_name(buf, pos), view[start:start + size]
-            long_name = None
-        elif flag in (120, 76):                              # b"x" pax or b"L" GNU long name
-            long_name = _long_name(flag, buf[start:start + size]) or long_name
-        # directories, links and global pax headers carry no sample data
-        pos = start + ((size + 511) & ~511)
-
-
-def _header_name(buf: bytes, pos: int) -> str:
-    name = buf[pos:pos + 100].split(b"\0", 1)[0].decode()
-    if buf[pos + 345] == 0 or buf[pos + 257:pos + 262] != b"ustar":
-        return name
-    prefix = buf[pos + 345:pos + 500].split(b"\0", 1)[0].decode()
-    return f"{prefix}/{name}"
-
-
-def _long_name(flag: int, payload: bytes) -> str | None:
-    """The file name carried by a GNU long-name ('L') or pax ('x') extended header."""
-    if flag == 76:
-        return payload.split(b"\0", 1)[0].decode()
-    for record in payload.decode().splitlines():
-        _, _, field = record.partition(" ")
-        if field.startswith("path="):
-            return field[5:]
-    return None
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """webdataset convention: key = path up to the first dot of the base name; ext = the rest."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1:]
-
-
-def decode_sample(key: str, members: dict[str, Any], *, file: str = "") -> Sample:
-    """A Sample from its members {ext: bytes} (`tokens.npy`, `json`, and `chunk.npy` for VLA)."""
-    if "tokens.npy" not in members or "json" not in members:
-        raise DataError(f"sample lacks tokens.npy or json (has {sorted(members)})", file=file,
-                        key=key)
-    meta = json.loads(bytes(members["json"]))
-    tokens = decode_npy(members["tokens.npy"], what=f"{key}.tokens.npy")
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise DataError(f"tokens must be 1-D uint16, got {tokens.dtype} {tokens.shape}",
-                        file=file, key=key)
-    chunk = None
-    if "chunk.npy" in members:
-        chunk = decode_npy(members["chunk.npy"], what=f"{key}.chunk.npy")
-    if meta.get("kind") == "vla" and (chunk is None or chunk.ndim != 2):
-        raise DataError("VLA sample needs a 2-D chunk.npy", file=file, key=key)
-    return Sample(key, tokens, meta["targets"], chunk, meta["split"])
-
-
-def read_shard_bytes(path: Path, sha256: str | None = None) -> bytes:
-    """The uncompressed tar bytes of a `.tar.gz` or `.tar` shard; with `sha256` (the manifest's),
-    a shard that differs (damaged, or re-exported while a run reads the set) is an error."""
-    try:
-        data = Path(path).read_bytes()
-        if sha256 is not None and sha256_bytes(data) != sha256:
-            raise DataError("shard differs from its sha256 in manifest.json (damaged, or the shard "
-                            "set was re-exported while being read); run `rynn-pipe verify` on it "
-                            "and restart", file=str(path))
-        return gzip.decompress(data) if path.name.endswith(".gz") else data
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"shard unreadable ({type(exc).__name__}: {exc}); run `rynn-pipe verify` "
-                        "on the shard set (re-exported while being read?)", file=str(path)) from None
-
-
-def peek_chunk_shape(path: Path, head_bytes: int = 1 << 20) -> tuple[int, int] | None:
-    """Shape of the first `chunk.npy` found in the first `head_bytes` of a shard (no full read)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(head_bytes)
-        if path.name.endswith(".gz"):
-            head = zlib.decompressobj(wbits=31).decompress(head)
-    except (OSError, zlib.error) as exc:
-        raise DataError(f"shard unreadable ({type(exc).__name__}: {exc}); run `rynn-pipe verify` "
-                        "on the shard set", file=str(path)) from None
-    for name, payload in tar_members(head, file=str(path), partial=True):
-        if name.endswith(".chunk.npy"):
-            return tuple(decode_npy(payload, what=name).shape)
-    return None
-
-
-def read_shard(path: Path, split: str = "all", sha256: str | None = None) -> list[Sample]:
-    """Every sample of one shard in stored order, keeping those of `split` ("all" keeps all)."""
-    samples, key, members = [], None, {}
-    for name, payload in tar_members(read_shard_bytes(path, sha256), file=str(path)):
-        name_key, ext = split_name(name)
-        if name_key != key and members:
-            samples.append(decode_sample(key, members, file=str(path)))
-            members = {}
-        key, members[ext] = name_key, payload
-    if members:
-        samples.append(decode_sample(key, members, file=str(path)))
-    return samples if split == "all" else [s for s in samples if s.split == split]
 
 
 # ---------------------------------------------------------------- the shard set
 
 
-def load_shard_infos(root: Path, split: str, kinds: tuple[str, ...]) -> dict[str, list[ShardInfo]]:
-    """Shards per kind from `manifest.json`, with per-split counts (scanned if not listed)."""
-    manifest_path = root / "manifest.json"
-    if not manifest_path.exists():
-        raise DataError("no manifest.json: not a shard directory (run `rynn-pipe tokenize`)",
-                        file=str(manifest_path))
+def load_shard_infos(shards: ShardSet, split: str, kinds: tuple[str, ...]
+                     ) -> dict[str, list[ShardInfo]]:
+    """Shards per kind from the manifest, with per-split counts (scanned if not listed)."""
     infos: dict[str, list[ShardInfo]] = {k: [] for k in kinds}
-    for entry in read_json(manifest_path)["shards"]:
-        if entry["kind"] not in KINDS:
-            raise DataError(f"unknown shard kind {entry['kind']!r}", file=str(manifest_path))
-        if entry["kind"] in kinds:
-            path = root / entry["path"]
-            count = _split_count(path, entry, split)
-            infos[entry["kind"]].append(ShardInfo(path, entry["kind"], count, entry["samples"],
-                                                  entry.get("sha256")))
+    for kind in kinds:
+        for entry in shards.entries(kind):
+            count = _split_count(shards, entry, split)
+            infos[kind].append(ShardInfo(entry, shards.path(entry), kind, count,
+                                         entry["samples"]))
     return infos
 
 
-def _split_count(path: Path, entry: dict[str, Any], split: str) -> int:
+def _split_count(shards: ShardSet, entry: dict[str, Any], split: str) -> int:
     if split == "all":
         return int(entry["samples"])
     if "splits" in entry:
         return int(entry["splits"].get(split, 0))
-    return len(read_shard(path, split))      # manifest without per-split counts: count once
+    return len(shards.read(entry, split))      # manifest without per-split counts: count once
 
 
 # ---------------------------------------------------------------- one stream (one kind)
@@ -378,7 +214,7 @@ class _Cursor:
 class ShardReader:
     """Iterable of training batches over a shard directory. See the module docstring."""
 
-    def __init__(self, root: str | Path, *, batch_size: int, split: str = "train",
+    def __init__(self, root: "str | Path | ShardSet", *, batch_size: int, split: str = "train",
                  mix: float | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, prefetch: int = 2, kinds: tuple[str, ...] = KINDS,
                  shuffle_shards: int = 2, pad_multiple: int = 8,
@@ -386,13 +222,13 @@ class ShardReader:
         threads = reader_threads() if threads is None else threads
         _validate(batch_size, split, mix, rank, world_size, prefetch, kinds, shuffle_shards,
                   pad_multiple, threads)
-        self.remote = RemoteShardSet(str(root)) if is_url(root) else None   # shards/remote.py
-        self.root = self.remote.root if self.remote else Path(root)
+        self.shard_set = ShardSet.open(root)          # a URL: shards/remote.py
+        self.root = self.shard_set.root
         self.batch_size, self.split, self.seed = batch_size, split, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.prefetch, self.kinds = prefetch, tuple(kinds)
         self.shuffle_shards, self.pad_multiple = shuffle_shards, pad_multiple
-        infos = load_shard_infos(self.root, split, self.kinds)
+        infos = load_shard_infos(self.shard_set, split, self.kinds)
         self.streams = {k: _Stream(k, infos[k], self) for k in self.kinds}
         self.mix = self._resolve_mix(mix)
         self.drawn = [k for k in self.kinds if self._weight(k) > 0]
@@ -431,7 +267,7 @@ class ShardReader:
         if "vla" not in self.drawn:
             return (0, 0)
         for info in self.streams["vla"].shards:
-            with self._local(info) as path:
+            with self.shard_set.local(info.entry) as path:
                 shape = peek_chunk_shape(path)
             if shape is not None:
                 return shape
@@ -441,14 +277,7 @@ class ShardReader:
         return self._pool.submit(self._read, info)
 
     def _read(self, info: ShardInfo) -> list[Sample]:
-        with self._local(info) as path:
-            return read_shard(path, self.split, info.sha256)
-
-    def _local(self, info: ShardInfo):
-        """The shard's local file; a URL shard set fetches and sha256-checks it first."""
-        if self.remote is None:
-            return contextlib.nullcontext(info.path)
-        return self.remote.local(info.path.relative_to(self.root).as_posix())
+        return self.shard_set.read(info.entry, self.split)
 
     # -- iteration
 
@@ -564,12 +393,12 @@ def _validate(batch_size: int, split: str, mix: float | None, rank: int, world_s
 
 def load_hf_dataset(root: str | Path, kind: str = "vla", cache_dir: str | Path | None = None):
     """The `kind` shards as a Hugging Face `datasets.Dataset` (its `webdataset` builder)."""
-    import datasets
+    import datasets  # slow to import; only this export needs it
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    files = [str(Path(root) / e["path"]) for e in read_json(Path(root) / "manifest.json")["shards"]
-             if e["kind"] == kind]
+    shards = ShardSet.open(root)
+    files = [str(shards.path(e)) for e in shards.entries(kind)]
     if not files:
         raise DataError(f"no {kind} shards in the manifest", file=str(root))
     return datasets.load_dataset("webdataset", data_files={"train": files}, split="train",

@@ -7,8 +7,10 @@ sha256 checked against the manifest before any of its samples is used.
 
     remote = RemoteShardSet("http://127.0.0.1:8000/shards")
     with remote.local("vla-000000.tar.gz") as path:   # downloaded once, sha256-checked, pinned
-        samples = read_shard(path)
+        samples = read_shard(path)                     # shards/shard_set.py
+    ShardSet.open("http://127.0.0.1:8000/shards")     # how the rest of rynn-pipe opens one
 
+`ShardSet.open(url)` (shards/shard_set.py) wraps this: callers never branch on URL vs directory.
 `http://` and `https://` are read with the standard library (no extra dependency); every other
 scheme (`s3://`, `gs://`, `file://`, `memory://` ...) through fsspec, with whatever fsspec backend
 package the scheme needs installed by the user. The manifest is fetched first; the cache directory
@@ -36,8 +38,8 @@ from typing import Any, BinaryIO, Iterator
 from pipeline.errors import DataError
 from pipeline.group import Group
 from pipeline.io import sha256_bytes, write_bytes
+from shards.format import MANIFEST
 
-MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 DEFAULT_CACHE_GB = 8.0
 
@@ -76,7 +78,7 @@ def open_url(url: str, timeout: float = 60.0) -> Iterator[BinaryIO]:
         except urllib.error.URLError as exc:
             raise DataError(f"cannot fetch: {getattr(exc, 'reason', exc)}", file=url) from exc
         return
-    import fsspec
+    import fsspec  # slow to import; only non-http URLs need it
     try:
         handle = fsspec.open(url, "rb").open()
     except (OSError, ValueError, ImportError) as exc:
@@ -97,7 +99,7 @@ class RemoteShardSet:
     def __init__(self, url: str, *, cache_dir: str | Path | None = None,
                  max_bytes: int | None = None) -> None:
         self.url = url.rstrip("/")
-        raw = fetch_bytes(f"{self.url}/{MANIFEST}")
+        self.manifest_bytes = raw = fetch_bytes(f"{self.url}/{MANIFEST}")
         try:
             self.manifest = json.loads(raw)
             self.entries = {e["path"]: e for e in self.manifest["shards"]}

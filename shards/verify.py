@@ -11,9 +11,11 @@ num_bins, end marker; text ids outside every special range); the segment order o
 
 The cut of a sequence into segments is the shared parser `shards.conversation.split_blocks` (the
 one every reader uses, so verify checks what readers will see; it trusts nothing: an unreadable
-block is a problem). The checks of each segment's contents, the order and the targets are verify's
-own, written from SPEC.md independently of the builders, and the tar members are read with
-`tarfile`, a second reading beside `shards.reader`.
+block is a problem). Samples are read through the one shard codec (shards/format.py, strict: a
+non-file tar member, a member twice, or a bad tar header checksum is a problem) and the set
+through `ShardSet` (shards/shard_set.py). Every *check* here is verify's own, written from
+SPEC.md independently of the builders and of the reader: segment contents, order and targets,
+against the manifest's facts.
 
     from shards.verify import verify
     report = verify("out/demo/shards")      # report.problems == [] when everything is right
@@ -23,15 +25,12 @@ own, written from SPEC.md independently of the builders, and the tar members are
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
-import tarfile
 import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -41,8 +40,9 @@ from pipeline.errors import DataError
 from pipeline.io import dumps_json, sha256_bytes
 from shards import vocab
 from shards.conversation import VLA, split_blocks
-from shards.format import CHUNK, MANIFEST, META, SCHEMA, TOKENS, manifest_digest, parse_members
-from shards.remote import RemoteShardSet, is_url
+from shards.format import (CHUNK, MANIFEST, META, SCHEMA, STATS, TOKENS, iter_samples,
+                           manifest_digest, parse_members, tar_bytes)
+from shards.shard_set import ShardSet
 from shards.tokenizer import special_mask
 from shards.bins import from_bins
 
@@ -177,35 +177,12 @@ def chunk_problems(chunk: np.ndarray | None, tokens: np.ndarray, lay: Layout) ->
 # Files.
 # ---------------------------------------------------------------------------------------------
 
-def read_samples(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) of an uncompressed tar, grouping consecutive members by key."""
-    key, members = None, {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                raise ValueError(f"non-file tar member {info.name!r}")
-            base, _, ext = info.name.partition(".")
-            if key is not None and base != key:
-                yield key, members
-                members = {}
-            key = base
-            if ext in members:
-                raise ValueError(f"member {info.name!r} appears twice")
-            members[ext] = tar.extractfile(info).read()
-    if key is not None:
-        yield key, members
-
-
-def shard_bytes(path: Path, raw: bytes) -> bytes:
-    return gzip.decompress(raw) if path.name.endswith(".gz") else raw
-
-
 def sample_problems(key: str, members: dict[str, bytes], kind: str, lay: Layout,
                     splits: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
     expected = {TOKENS, META, CHUNK} if kind == VLA else {TOKENS, META}
     if set(members) != expected:
         return [f"members {sorted(members)} != {sorted(expected)}"], {}
-    s = parse_members(key, members)
+    s = parse_members(key, members)     # parse errors: DataError, reported by check_shard
     meta = s["meta"]
     out = []
     if meta.get("kind") != kind or f"{meta.get('episode')}__{int(meta.get('step', -1)):06d}" != key:
@@ -224,9 +201,9 @@ def sample_problems(key: str, members: dict[str, bytes], kind: str, lay: Layout,
     return out, {**meta, "n_tokens": len(s["tokens"])}
 
 
-def check_shard(root: Path, entry: dict[str, Any], lay: Layout, splits: dict[str, str],
+def check_shard(shards: ShardSet, entry: dict[str, Any], lay: Layout, splits: dict[str, str],
                 report: Report, keys: set[tuple[str, str]]) -> None:
-    path, name = root / entry["path"], entry["path"]
+    path, name = shards.path(entry), entry["path"]
     if not path.is_file():
         report.problems.append(f"{name}: listed in the manifest but missing")
         return
@@ -235,7 +212,7 @@ def check_shard(root: Path, entry: dict[str, Any], lay: Layout, splits: dict[str
         report.problems.append(f"{name}: size or sha256 differs from the manifest")
     problems, counts = [], {"samples": 0, "tokens": 0, "splits": {}}
     try:
-        for key, members in read_samples(shard_bytes(path, raw)):
+        for key, members in iter_samples(tar_bytes(name, raw), file=name, strict=True):
             if (entry["kind"], key) in keys:
                 problems.append(f"{key}: duplicate sample key")
             keys.add((entry["kind"], key))
@@ -245,7 +222,7 @@ def check_shard(root: Path, entry: dict[str, Any], lay: Layout, splits: dict[str
             counts["tokens"] += meta.get("n_tokens", 0)
             sp = meta.get("split", "?")
             counts["splits"][sp] = counts["splits"].get(sp, 0) + 1
-    except (OSError, EOFError, zlib.error, tarfile.TarError, ValueError, KeyError,
+    except (OSError, EOFError, zlib.error, DataError, ValueError, KeyError,
             json.JSONDecodeError) as exc:
         problems.append(f"unreadable: {type(exc).__name__}: {exc}")
     report.problems += [f"{name}: {p}" for p in problems[:MAX_PER_SHARD]]
@@ -259,13 +236,25 @@ def check_shard(root: Path, entry: dict[str, Any], lay: Layout, splits: dict[str
     report.shards += 1
 
 
+def check_listed_shard(shards: ShardSet, entry: dict[str, Any], lay: Layout,
+                       splits: dict[str, str], report: Report, keys: set[tuple[str, str]]) -> None:
+    """A listed shard; of a URL shard set it is downloaded and sha256-checked first (a mismatch is
+    one problem and its samples are not read), then checked as a local shard."""
+    try:
+        with shards.local(entry):
+            check_shard(shards, entry, lay, splits, report, keys)
+    except DataError as exc:
+        report.problems.append(f"{entry['path']}: {exc}")
+        report.shards += 1
+
+
 def check_files(root: Path, manifest: dict[str, Any], report: Report) -> None:
     listed = {e["path"] for e in manifest["shards"]}
     for p in sorted(root.iterdir()):
         if p.name.endswith((".tar", ".tar.gz")) and p.name not in listed:
             report.problems.append(f"{p.name}: shard file not listed in the manifest")
     stats = manifest.get("stats", {})
-    path = root / stats.get("path", "stats.json")
+    path = root / stats.get("path", STATS)
     if not path.is_file() or sha256_bytes(path.read_bytes()) != stats.get("sha256"):
         report.problems.append(f"{path.name}: missing or sha256 differs from the manifest")
 
@@ -277,54 +266,36 @@ def check_totals(manifest: dict[str, Any], report: Report) -> None:
                                    f"manifest says {t['samples']}")
 
 
-def check_remote_shard(remote, entry: dict[str, Any], lay: Layout, splits: dict[str, str],
-                       report: Report, keys: set[tuple[str, str]]) -> None:
-    """A shard of a URL shard set: downloaded and sha256-checked (a mismatch is one problem and
-    its samples are not read), then checked as a local shard."""
-    try:
-        with remote.local(entry["path"]):
-            check_shard(remote.root, entry, lay, splits, report, keys)
-    except DataError as exc:
-        report.problems.append(f"{entry['path']}: {exc}")
-        report.shards += 1
-
-
 def verify(directory: str | Path) -> Report:
     """Every problem of the shard set in `directory` (an empty list when it is sound).
     `directory` may be a URL of a shard set (shards/remote.py): each shard is downloaded afresh
     (never from the cache) into a temporary directory, checked, and deleted."""
-    if is_url(directory):
-        with tempfile.TemporaryDirectory(prefix="rynn-verify-") as tmp:
-            try:
-                remote = RemoteShardSet(str(directory), cache_dir=tmp, max_bytes=1)
-            except DataError as exc:
-                return Report(problems=[str(exc)])
-            return _verify(remote.root, remote)
-    return _verify(Path(directory), None)
+    with tempfile.TemporaryDirectory(prefix="rynn-verify-") as tmp:
+        try:
+            shards = ShardSet.open(directory, cache_dir=tmp, max_bytes=1)
+        except DataError as exc:
+            return Report(problems=[str(exc)])
+        return _verify(shards)
 
 
-def _verify(root: Path, remote) -> Report:
+def _verify(shards: ShardSet) -> Report:
     report = Report()
+    manifest = shards.manifest
     try:
-        manifest_bytes = (root / MANIFEST).read_bytes()
-        manifest = json.loads(manifest_bytes)
         lay = Layout.from_manifest(manifest)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         report.problems.append(f"{MANIFEST}: unreadable or incomplete ({type(exc).__name__}: "
                                f"{exc})")
         return report
-    if not check_records(root, manifest, manifest_bytes, report):
+    if not check_records(shards.root, manifest, shards.manifest_bytes, report):
         return report                    # its fields cannot be trusted to check anything else
     if manifest.get("schema") != SCHEMA:
         report.problems.append(f"{MANIFEST}: schema {manifest.get('schema')!r} != {SCHEMA}")
-    splits = manifest.get("splits", {}).get("episodes", {})
+    splits = shards.splits.get("episodes", {})
     keys: set[tuple[str, str]] = set()
-    for entry in manifest["shards"]:
-        if remote is None:
-            check_shard(root, entry, lay, splits, report, keys)
-        else:
-            check_remote_shard(remote, entry, lay, splits, report, keys)
-    check_files(root, manifest, report)
+    for entry in shards.entries():
+        check_listed_shard(shards, entry, lay, splits, report, keys)
+    check_files(shards.root, manifest, report)
     check_totals(manifest, report)
     return report
 

@@ -61,6 +61,7 @@ from trainer.card import (MalformedActions, PolicyError, parse_card, read_card,
                           resolve_checkpoint)
 from trainer.checkpoint import processor_card
 from trainer.policy import Policy
+from shards.shard_set import ShardSet
 from sim.env import Env, EnvError, Observation, make_env
 
 BASELINES = ("expert", "replay", "mean")
@@ -186,8 +187,9 @@ class PolicyAgent:
 def baseline_card(path: Path):
     """The card the `mean` baseline reads: a checkpoint's, or one made from a shard directory."""
     path = Path(path)
-    if (path / "manifest.json").is_file():
-        return parse_card(processor_card(path), where=str(path / "manifest.json"))
+    if ShardSet.is_shard_set(path):
+        shards = ShardSet.open(path)
+        return parse_card(processor_card(shards), where=shards.manifest_file)
     try:
         return read_card(resolve_checkpoint(path))
     except PolicyError as exc:

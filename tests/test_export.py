@@ -21,7 +21,7 @@ from transformers import AutoModel, ChameleonForConditionalGeneration, Chameleon
 
 from pipeline.io import read_json
 from shards import vocab
-from shards.reader import read_shard
+from shards.shard_set import read_shard
 from shards.vq import preprocess
 from trainer import checkpoint
 from trainer.export import export, vocabulary_map

@@ -24,7 +24,7 @@ from sim.demo_data import write_demo_suite
 from pipeline.io import load_npz, read_json
 from pipeline.workflow import resolve_config, tokenize
 from shards import vocab
-from shards.reader import read_shard
+from shards.shard_set import read_shard
 from shards.tokenizer import TokenizerMismatch, load_tokenizer_from_record
 from shards.vq import VQMismatch, load_vq_from_record
 from shards.bins import from_bins, unnormalize

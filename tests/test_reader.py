@@ -19,7 +19,9 @@ import torch
 from pipeline.errors import DataError
 from pipeline.io import read_json, write_json
 from bench.shard_factory import make_shards
-from shards.reader import ShardReader, load_hf_dataset, read_shard, tar_members
+from shards.format import tar_members
+from shards.reader import ShardReader, load_hf_dataset
+from shards.shard_set import read_shard
 
 VLA_SHARDS, WM_SHARDS = [9, 4, 7, 2], [6, 5, 1]
 

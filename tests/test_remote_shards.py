@@ -116,7 +116,7 @@ def test_cache_stays_bounded(served, cache, monkeypatch):
     monkeypatch.setenv("RYNN_SHARD_CACHE_GB", str(1 / 1024 / 1024))      # 1 KiB: below one shard
     with ShardReader(f"{url}/good", batch_size=2, shuffle_shards=1) as reader:
         _take(reader, 2 * len(reader))
-        remote = reader.remote
+        remote = reader.shard_set.remote
     shards = len(remote.entries)
     assert remote.downloads > shards                   # evicted shards were fetched again
     assert remote.cached_bytes() <= remote.max_bytes

@@ -24,7 +24,7 @@ from trainer.policy import Policy
 from trainer.serve import (PolicyServer, ProtocolError, RemoteError, RemotePolicy, ServeConfig,
                            pack, unpack)
 
-from shards.reader import read_shard
+from shards.shard_set import read_shard
 from test_policy import build_checkpoint, first_vla, raw_inputs
 
 

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from pipeline.errors import RynnError
 from pipeline.group import Group
+from shards.shard_set import ShardSet
 from pipeline.io import fsync_dir, read_json, sha256_file, write_bytes, write_json
 from shards.records import VQRecord
 from trainer.config import ModelConfig, TrainConfig
@@ -47,15 +48,16 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def processor_card(shards: Path, recipe_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+def processor_card(shards: str | Path | ShardSet) -> dict[str, Any]:
     """What inference needs to reproduce training's preprocessing, from the shard manifest."""
-    man = read_json(shards / "manifest.json")
-    conv, images = man["conv"], man.get("images", {})
-    return {"schema": 1, "shards_manifest_sha256": sha256_file(shards / "manifest.json"),
-            "stats": read_json(shards / man["stats"]["path"]), "tokenizer": man["tokenizer"],
-            "vq": VQRecord.from_json(man["vq"]).to_json(), "vocab": man["vocab"], "recipe": man["recipe"],
+    shard_set = ShardSet.open(shards)
+    man, record = shard_set.manifest, shard_set.record
+    conv, images = record("conv"), man.get("images", {})
+    return {"schema": 1, "shards_manifest_sha256": shard_set.sha256,
+            "stats": shard_set.stats_record(), "tokenizer": record("tokenizer"),
+            "vq": VQRecord.from_json(record("vq")).to_json(), "vocab": record("vocab"), "recipe": record("recipe"),
             "K": conv["chunk"], "D": conv["action_dim"], "state_dim": conv["state_dim"],
-            "M": conv["history"], "resolution": man["vocab"]["resolution"],
+            "M": conv["history"], "resolution": record("vocab")["resolution"],
             "orientation": images.get("orientation", "rot180"),
             "relative_action_dims": conv.get("relative_action_dims", []),
             "fit": images.get("fit", "square"), **wm_facts(man)}

@@ -41,10 +41,11 @@ import numpy as np
 import torch
 
 from pipeline.errors import RynnError
-from pipeline.io import read_json, write_bytes, write_json
+from pipeline.io import write_bytes, write_json
 from pipeline.media import png_bytes
 from shards import vocab
-from shards.bins import Stats, unnormalize
+from shards.bins import unnormalize
+from shards.shard_set import ShardSet
 from trainer import metrics
 from trainer.card import MalformedActions
 from trainer.fvd import load_detector, rollout_fvd
@@ -71,21 +72,17 @@ class EvalSet:
     wm: list = field(default_factory=list)
 
 
-def read_split(shards: Path, split: str, max_samples: int) -> tuple[list, list]:
-    from shards.reader import read_shard
+def read_split(shards: ShardSet, split: str, max_samples: int) -> tuple[list, list]:
     out: dict[str, list] = {"vla": [], "wm": []}
-    for entry in read_json(shards / "manifest.json")["shards"]:
+    for entry in shards.entries():
         bucket = out[entry["kind"]]
         if len(bucket) < max_samples and entry.get("splits", {}).get(split, 1):
-            bucket.extend(read_shard(shards / entry["path"], split)[:max_samples - len(bucket)])
+            bucket.extend(shards.read(entry, split)[:max_samples - len(bucket)])
     return out["vla"], out["wm"]
 
 
-def load_eval_set(shards: Path, max_samples: int) -> EvalSet:
+def load_eval_set(shards: ShardSet, max_samples: int) -> EvalSet:
     """The val split; a labelled training prefix when the val split is empty."""
-    if not (shards / "manifest.json").is_file():
-        raise EvalError(f"{shards} has no manifest.json: not a shard directory (run "
-                        "`rynn-pipe tokenize`)")
     vla, wm = read_split(shards, "val", max_samples)
     if vla or wm:
         return EvalSet("val", vla, wm)
@@ -93,9 +90,9 @@ def load_eval_set(shards: Path, max_samples: int) -> EvalSet:
     return EvalSet("train (fallback: no val samples)", vla, wm)
 
 
-def check_compatible(policy: Policy, shards: Path) -> list[str]:
+def check_compatible(policy: Policy, shards: ShardSet) -> list[str]:
     """Refuse shards whose tokens mean something else; return notes on harmless differences."""
-    manifest = read_json(shards / "manifest.json")
+    manifest = shards.manifest
     card, notes = policy.card, []
     pairs = (("tokenizer digest", manifest.get("tokenizer", {}).get("digest"),
               card.tokenizer.digest),
@@ -106,7 +103,7 @@ def check_compatible(policy: Policy, shards: Path) -> list[str]:
             raise EvalError(f"shards {what} {theirs!r} differs from the checkpoint's {ours!r}: "
                             "these shards were tokenized differently; re-tokenize them with the "
                             "checkpoint's tokenizer, VQ-GAN and resolution")
-    stats = Stats.load(shards / "stats.json")
+    stats = shards.stats()
     if not (np.array_equal(stats.action.min, card.stats.action.min)
             and np.array_equal(stats.action.max, card.stats.action.max)):
         notes.append("shard stats differ from the checkpoint's: action bins mean other values")
@@ -251,7 +248,7 @@ def wm_report(tally: WmTally, fvd: dict[str, Any] | None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 def plot_actions(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # slow to import; only runs that plot pay for it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3))
@@ -268,7 +265,7 @@ def plot_actions(report: dict[str, Any], path: Path) -> None:
 
 
 def plot_wm(tally: WmTally, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # slow to import; only runs that plot pay for it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(7, 3))
@@ -304,13 +301,13 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
     `fvd_weights`, the TorchScript I3D detector, for FVD over `fvd_videos` rollouts of
     `fvd_frames` steps (trainer/fvd.py)."""
     t0 = time.perf_counter()
-    shards, out = Path(shards), Path(out)
+    shards, out = ShardSet.open(shards), Path(out)
     policy = Policy.from_checkpoint(checkpoint, vq_path=vq_path, tokenizer_path=tokenizer_path,
                                     device=device)
     notes = check_compatible(policy, shards)
     data = load_eval_set(shards, max_samples)
     if not data.vla and not data.wm:
-        raise EvalError(f"{shards}: no samples to evaluate")
+        raise EvalError(f"{shards.where}: no samples to evaluate")
     vla, wm = VlaTally(), WmTally()
     if lpips_weights is not None:
         wm.lpips_metric = load_lpips(lpips_weights, device=policy.backend.device, net=lpips_net)
@@ -321,7 +318,7 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
         eval_vla_sample(policy, sample, vla, i < max_discrete)
     for i, sample in enumerate(data.wm):
         eval_wm_sample(policy, sample, wm, i < max_generate)
-    report = {"checkpoint": str(checkpoint), "shards": str(shards), "split": data.split,
+    report = {"checkpoint": str(checkpoint), "shards": shards.where, "split": data.split,
               "held_out": data.split == "val", "notes": notes,
               "samples": {"vla": len(data.vla), "wm": len(data.wm)},
               "card": {"recipe": policy.card.recipe, "K": policy.card.chunk,
@@ -335,7 +332,7 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *,
     return report
 
 
-def fvd_report(policy: Policy, shards: Path, detector, split: str, videos: int,
+def fvd_report(policy: Policy, shards: ShardSet, detector, split: str, videos: int,
                frames: int) -> dict[str, Any] | None:
     if detector is None:
         return None

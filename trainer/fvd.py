@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import RynnError
+from shards.shard_set import ShardSet
+from trainer.world_model import decode_codes, imagine_codes, trajectory_of, wm_samples_by_episode
 
 DETECTOR_KWARGS = {"rescale": True, "resize": True, "return_features": True}
 
@@ -79,12 +81,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
 
 
-def rollout_videos(policy, shards: str | Path, split: str, *, videos: int,
+def rollout_videos(policy, shards: str | Path | ShardSet, split: str, *, videos: int,
                    frames: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(predicted, reference) uint8 videos (2 * n, frames, H, W, 3) from the first `videos`
     episodes of `split` with at least `frames` world-model steps; and those episodes."""
-    from trainer.world_model import (decode_codes, imagine_codes, trajectory_of,
-                                     wm_samples_by_episode)
     groups = wm_samples_by_episode(shards, split)
     episodes = [e for e, samples in groups.items() if len(samples) >= frames][:videos]
     if not episodes:
@@ -101,8 +101,8 @@ def rollout_videos(policy, shards: str | Path, split: str, *, videos: int,
     return np.stack(pred), np.stack(truth), episodes
 
 
-def rollout_fvd(policy, shards: str | Path, detector, *, split: str = "val", videos: int = 8,
-                frames: int = 16) -> dict[str, Any]:
+def rollout_fvd(policy, shards: str | Path | ShardSet, detector, *, split: str = "val",
+                videos: int = 8, frames: int = 16) -> dict[str, Any]:
     pred, truth, episodes = rollout_videos(policy, shards, split, videos=videos, frames=frames)
     value = frechet_distance(i3d_features(detector, pred), i3d_features(detector, truth))
     return {"fvd": value, "videos": len(pred), "episodes": episodes, "frames": frames,

@@ -29,12 +29,13 @@ from torch.distributed.fsdp import fully_shard
 
 from pipeline.errors import RynnError
 from pipeline.group import Group
-from pipeline.io import read_json, sha256_file, write_bytes, write_json
+from pipeline.io import write_bytes, write_json
 from pipeline.publish import hold
 from pipeline.progress import Progress, console
 from pipeline.threads import limit_threads, local_processes
 from shards.reader import ShardReader
-from shards.remote import RemoteShardSet, is_url
+from shards.remote import is_url
+from shards.shard_set import ShardSet
 from trainer import checkpoint as ckpt
 from trainer.config import ModelConfig, TrainConfig
 from trainer.loss import Loss
@@ -67,27 +68,9 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def manifest_path(shards: Path | str) -> Path:
-    """The manifest of a shard set: in the directory, or for a URL freshly fetched into its
-    local cache (shards/remote.py)."""
-    return (RemoteShardSet(shards).root if isinstance(shards, str) else shards) / "manifest.json"
-
-
-def shard_manifest(shards: Path | str) -> dict:
-    return read_json(manifest_path(shards))
-
-
-def split_samples(shards: Path | str, split: str) -> int:
-    """Samples of `split` in the shard set, from its manifest totals."""
-    totals = shard_manifest(shards)["totals"]
-    return sum(int(t.get("splits", {}).get(split, 0)) for t in totals.values())
-
-
-def training_split(cfg: TrainConfig, shards: Path | str) -> str:
+def training_split(cfg: TrainConfig, shards: ShardSet) -> str:
     """`train_split`, with "auto" read from the shard manifest (compat=published: "all")."""
-    if cfg.train_split != "auto":
-        return cfg.train_split
-    return shard_manifest(shards)["splits"].get("training_split", "train")
+    return shards.training_split if cfg.train_split == "auto" else cfg.train_split
 
 
 def init_model_config(model_cfg: ModelConfig, init: Path, rank: int) -> ModelConfig:
@@ -192,11 +175,11 @@ class Terms:
 
 
 @torch.no_grad()
-def evaluate(net: torch.nn.Module, loss: Loss, shards: Path | str, cfg: TrainConfig,
+def evaluate(net: torch.nn.Module, loss: Loss, shards: ShardSet, cfg: TrainConfig,
              device: torch.device, group: Group) -> dict[str, float]:
     """Mean loss terms over `eval_batches` batches of the held-out split (all ranks); none when
     the shard set holds no held-out sample (compat=published: LeRobot has no split)."""
-    if not split_samples(shards, "val"):
+    if not shards.split_samples("val"):
         return {}
     net.eval()
     terms = Terms()
@@ -239,7 +222,7 @@ def truncate_metrics(run: Path, step: int) -> None:
     write_bytes(path, "".join(r + "\n" for r in rows).encode())
 
 
-def finished(run: Path, cfg: TrainConfig, shards: Path | str) -> bool:
+def finished(run: Path, cfg: TrainConfig, shards: ShardSet) -> bool:
     """The run's latest checkpoint is step cfg.steps and its final row is logged (the held-out
     row when the shards have a held-out split)."""
     last = ckpt.latest(run)
@@ -250,7 +233,7 @@ def finished(run: Path, cfg: TrainConfig, shards: Path | str) -> bool:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
     except json.JSONDecodeError:
         return False
-    held_out = shard_manifest(shards).get("splits", {}).get("counts", {}).get("val")
+    held_out = shards.splits.get("counts", {}).get("val")
     final = [r for r in rows if "loss" not in r] if held_out else rows
     return bool(final) and final[-1]["step"] == cfg.steps
 
@@ -300,11 +283,8 @@ def _train(cfg: TrainConfig, shards: Path | str, out: Path, *, resume: bool,
     group, device = setup_distributed()
     limit_threads(local_processes())                # this rank's share of the cores
     out = Path(out)
-    shards = str(shards) if is_url(shards) else Path(shards)   # a URL: shards/remote.py
-    manifest = manifest_path(shards)
-    if not manifest.exists():
-        raise RynnError(f"--shards {shards}: no manifest.json (run `rynn-pipe tokenize` first)")
-    card = ckpt.processor_card(manifest.parent)
+    shards = ShardSet.open(shards)                  # a directory or a URL (shards/remote.py)
+    card = ckpt.processor_card(shards)
     if resume and finished(out, cfg, shards):
         console.print(f"--resume: {out} already finished at step {cfg.steps}; nothing to do "
                       "(raise --steps to train further)")
@@ -368,7 +348,7 @@ def check_same_run(step_dir: Path, card: dict[str, Any], cfg: TrainConfig) -> No
 
 
 def loop(cfg: TrainConfig, net: torch.nn.Module, loss: Loss, optimizer: torch.optim.Optimizer,
-         reader: ShardReader, state: dict[str, Any], shards: Path | str, out: Path,
+         reader: ShardReader, state: dict[str, Any], shards: ShardSet, out: Path,
          card: dict[str, Any], device: torch.device, group: Group) -> None:
     batches = reader.forever()
     net.train()
@@ -400,12 +380,12 @@ def loop(cfg: TrainConfig, net: torch.nn.Module, loss: Loss, optimizer: torch.op
         log(out, {"step": state["step"], **metrics})
 
 
-def check_shards_unchanged(shards: Path | str, card: dict[str, Any]) -> None:
-    """The held-out reader opens the set afresh: it must still be the one training started on."""
-    if sha256_file(manifest_path(shards)) != card["shards_manifest_sha256"]:
-        raise RynnError(f"--shards {shards}: manifest.json changed since training started (the "
-                        "set was re-exported); train on a set nothing rewrites (a new set needs "
-                        "a new --out)")
+def check_shards_unchanged(shards: ShardSet, card: dict[str, Any]) -> None:
+    """The held-out reads must come from the set training started on."""
+    if shards.current_sha256() != card["shards_manifest_sha256"]:
+        raise RynnError(f"--shards {shards.where}: manifest.json changed since training started "
+                        "(the set was re-exported); train on a set nothing rewrites (a new set "
+                        "needs a new --out)")
 
 
 def train_step(cfg: TrainConfig, net: torch.nn.Module, loss: Loss,

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 
 from pipeline.errors import DataError, RynnError
-from pipeline.io import read_json, write_bytes, write_json
+from pipeline.io import write_bytes, write_json
 from pipeline.media import png_bytes
 from shards import vocab
 from shards.conversation import assemble, blocks_by_kind, image_blocks, parse_image_block
-from shards.reader import read_shard
 from shards.vq_decoder import decode
 from shards.bins import to_bins
+from shards.shard_set import ShardSet
 from trainer.engine import Stepper
 from trainer.metrics import psnr, ssim
 from trainer.policy import check_image
@@ -247,22 +247,21 @@ class Trajectory:
     truth: np.ndarray            # (steps, 2, h, w) ground-truth next-frame codes
 
 
-def wm_samples_by_episode(shards: str | Path, split: str) -> dict[str, list]:
+def wm_samples_by_episode(shards: str | Path | ShardSet, split: str) -> dict[str, list]:
     """World-model samples of `split`, grouped by episode and sorted by step."""
-    root = Path(shards)
+    shard_set = ShardSet.open(shards)
     groups: dict[str, list] = {}
-    for entry in read_json(root / "manifest.json")["shards"]:
-        if entry["kind"] == "wm":
-            for s in read_shard(root / entry["path"], split):
-                episode, step = s.key.rsplit("__", 1)
-                groups.setdefault(episode, []).append((int(step), s))
+    for entry in shard_set.entries("wm"):
+        for s in shard_set.read(entry, split):
+            episode, step = s.key.rsplit("__", 1)
+            groups.setdefault(episode, []).append((int(step), s))
     return {e: [s for _, s in sorted(v, key=lambda x: x[0])] for e, v in sorted(groups.items())}
 
 
-def pick_trajectory(policy, shards: str | Path, steps: int, episode: str | None = None,
+def pick_trajectory(policy, shards: str | Path | ShardSet, steps: int, episode: str | None = None,
                     start: int = 0) -> Trajectory:
     """`steps` consecutive world-model samples of one held-out (else training) episode."""
-    split = "val"
+    shards, split = ShardSet.open(shards), "val"
     groups = wm_samples_by_episode(shards, split)
     if not groups:
         split, groups = "train", wm_samples_by_episode(shards, "train")
@@ -295,7 +294,7 @@ def trajectory_of(policy, episode: str, split: str, samples: list) -> Trajectory
     return Trajectory(episode, split, start, np.stack(bins), np.asarray(truth))
 
 
-def rollout(policy, shards: str | Path, *, steps: int = 8, out: str | Path,
+def rollout(policy, shards: str | Path | ShardSet, *, steps: int = 8, out: str | Path,
             episode: str | None = None, start: int = 0) -> dict[str, Any]:
     """Feed predictions back along a held-out trajectory; write the strip PNG and metrics."""
     traj = pick_trajectory(policy, shards, steps, episode, start)
