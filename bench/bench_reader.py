@@ -17,12 +17,14 @@ import pickle
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from pipeline.io import sha256_bytes
 from shards import vocab
 from shards.reader import ShardReader
+from shards.shard_set import read_shard
 from bench.shard_factory import sample_members, write_shard_set
 
 GOAL_SPEEDUP, GOAL_BYTES_PER_TOKEN = 2.0, 2.5
@@ -178,6 +180,7 @@ def run(tmp: Path, n: int, batch: int) -> None:
     }
     reader.close()
     report(results, tokens / n)
+    report_hash(tmp / "shards")
     report_disk(tmp, tokens)
 
 
@@ -191,6 +194,25 @@ def report(results: dict[str, tuple[int, float, float]], tokens_per_sample: floa
     print(f"  reader / pickle   = {speedup:.2f}x  (goal >= {GOAL_SPEEDUP}x: "
           f"{'ok' if speedup >= GOAL_SPEEDUP else 'MISSED'})")
     print(f"  reader / memmap   = {rates['shard reader'] / rates['numpy memmap']:.2f}x")
+
+
+def best_of(fn: Callable[[], Any], repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def report_hash(shards: Path) -> None:
+    """What the reader's per-shard sha256 check (against the manifest) costs: hashing every
+    shard's stored bytes against loading every shard without the check."""
+    paths = sorted(shards.glob("*.tar.gz"))
+    hashing = best_of(lambda: [sha256_bytes(p.read_bytes()) for p in paths])
+    loading = best_of(lambda: [read_shard(p) for p in paths])
+    print(f"  sha256 check / unchecked shard load = {hashing / loading:.4f}x  (the reader hashes "
+          "each shard it loads)")
 
 
 def report_disk(tmp: Path, tokens: int) -> None:
