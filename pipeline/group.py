@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from pipeline.errors import StageError
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # torch loads only where it is needed: the CLI starts without it
 
 # torch is imported only inside the methods that need it: pipeline core stays torch-free, so
 # the CLI starts fast and single-process stages never load it.
@@ -63,7 +63,7 @@ class Group:
     def device(self) -> "torch.device":
         """This rank's device: cuda:LOCAL_RANK (made the current device) where CUDA is
         available, else the CPU."""
-        import torch
+        import torch  # torch loads only where it is needed: the CLI starts without it
         if not torch.cuda.is_available():
             return torch.device("cpu")
         device = torch.device(f"cuda:{self.local_rank}")
@@ -76,6 +76,7 @@ class Group:
         run on a CUDA `device`, else gloo. `timeout_s` None: torch's default."""
         if self.world == 1:
             return self
+        # torch loads only where it is needed: the CLI starts without it
         import torch.distributed as dist
         if dist.is_initialized():
             return self
@@ -96,6 +97,7 @@ class Group:
 
     def barrier(self) -> None:
         if self.world > 1:
+            # torch loads only where it is needed: the CLI starts without it
             import torch.distributed as dist
             dist.barrier()
 
@@ -103,7 +105,8 @@ class Group:
         """Element-wise sum over ranks (float64, on the CPU: the pipeline's gloo group)."""
         if self.world == 1:
             return [float(v) for v in values]
-        import torch
+        import torch  # torch loads only where it is needed: the CLI starts without it
+        # torch loads only where it is needed: the CLI starts without it
         import torch.distributed as dist
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
@@ -113,6 +116,7 @@ class Group:
         """Rank 0's `flag`, on every rank."""
         if self.world == 1:
             return flag
+        # torch loads only where it is needed: the CLI starts without it
         import torch.distributed as dist
         box = [flag if self.leader else None]
         dist.broadcast_object_list(box, src=0)

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -119,7 +120,6 @@ def file_entry(path: Path, root: Path) -> dict[str, Any]:
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     """Deterministic .npz bytes (np.savez stamps the current time into the zip; this does not)."""
-    import zipfile
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in sorted(arrays):

@@ -15,6 +15,7 @@ from pipeline.errors import RynnError
 from pipeline.group import Group
 from pipeline.publish import export
 from pipeline.runner import Runner, StageStatus
+from stages.registry import pipeline
 
 
 def resolve_config(recipe_name: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -41,7 +42,6 @@ def raw_root(raw: Path, cfg: RunConfig) -> Path:
 def make_runner(cfg: RunConfig, raw: Path, out: Path, cache: Path | None = None,
                 quiet: bool = False, until: str | None = None,
                 group: Group | None = None) -> Runner:
-    from stages.registry import pipeline
     stages = pipeline()
     if until is not None:
         names = [s.name for s in stages]

@@ -136,7 +136,7 @@ def draw(sample: dict[str, Any], pictures: list[np.ndarray], note: str, state: n
          actions: np.ndarray, segs: list, out_png: Path) -> None:
     import matplotlib               # heavy, and only this command draws: imported when drawing
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: slow to import, only drawing needs it
     meta, tokens = sample["meta"], sample["tokens"]
     n = max(len(pictures), 2)
     fig = plt.figure(figsize=(max(10, 2.6 * n), 8))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from pipeline.errors import DataError
 from pipeline.io import sha256_file
@@ -156,7 +157,6 @@ def load_text_tokenizer(path: str | Path | None) -> TextTokenizer:
         raise DataError("text tokenizer file does not exist; set conv.tokenizer_path to "
                         "Chameleon's text_tokenizer.json (or none for the fallback)",
                         file=str(path))
-    from tokenizers import Tokenizer
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:  # the tokenizers library raises a plain Exception on bad files

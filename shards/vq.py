@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors import SafetensorError, safe_open
 
 from pipeline.config import ConfigError
 from pipeline.errors import DataError
@@ -93,6 +95,7 @@ class VQHandle:
 # ---------------------------------------------------------------------------------------------
 
 def build_model(arch: dict[str, Any]) -> torch.nn.Module:
+    # transformers: seconds to import, only loading a model needs it
     from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
     return ChameleonVQVAE(hf_config(arch)).eval()
 
@@ -197,7 +200,7 @@ def _load_path(path: Path) -> VQHandle:
 
 def read_original_yaml(path: Path) -> dict[str, Any]:
     """Architecture (original names) from a taming-style `vqgan.yaml`."""
-    import yaml
+    import yaml  # PyYAML (comes with transformers): only the original vqgan.yaml needs it
     if not path.exists():
         raise CheckpointError(f"{ORIGINAL_YAML} not found beside the checkpoint", file=str(path))
     with open(path) as f:
@@ -303,7 +306,6 @@ def load_hf(path: Path) -> VQHandle:
 
 def read_hf_vq_weights(path: Path) -> dict[str, torch.Tensor]:
     """The `model.vqmodel.*` tensors (prefix stripped), reading only the shards that hold them."""
-    from safetensors import SafetensorError, safe_open
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -334,7 +336,6 @@ def resize_uint8(frames: np.ndarray, resolution: int) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, R, R, 3) uint8; PIL bicubic, untouched when already R x R."""
     if frames.shape[1:3] == (resolution, resolution):
         return frames
-    from PIL import Image
     out = [np.asarray(Image.fromarray(f).resize((resolution, resolution), Image.BICUBIC))
            for f in frames]
     return np.stack(out) if out else np.zeros((0, resolution, resolution, 3), np.uint8)

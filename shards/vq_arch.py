@@ -34,6 +34,7 @@ class CheckpointError(DataError):
 
 def hf_config(arch: dict[str, Any]):
     """The transformers `ChameleonVQVAEConfig` for an architecture in original yaml names."""
+    # transformers: seconds to import, only loading a model needs it
     from transformers import ChameleonVQVAEConfig
     return ChameleonVQVAEConfig(
         embed_dim=arch["embed_dim"], num_embeddings=arch["n_embed"], double_latent=arch["double_z"],

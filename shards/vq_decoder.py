@@ -32,6 +32,7 @@ class DecoderError(RynnError):
 
 
 def _blocks():
+    # transformers: seconds to import, only loading a model needs it
     from transformers.models.chameleon.modeling_chameleon import (
         ChameleonVQVAEEncoderAttnBlock, ChameleonVQVAEEncoderResnetBlock)
     return ChameleonVQVAEEncoderResnetBlock, ChameleonVQVAEEncoderAttnBlock

@@ -23,6 +23,7 @@ task `seed % num_tasks`, so N episodes per task are N x num_tasks consecutive se
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
 
@@ -115,7 +116,6 @@ def make_env(spec: str, **kwargs) -> Env:
 
 def _load_builtin(prefix: str) -> None:
     """Import the module that registers a built-in prefix (heavy simulators load only when asked)."""
-    import importlib
     module = {"demo": "sim.demo_env", "robosuite": "sim.robosuite_env",
               "libero": "sim.libero_env"}.get(prefix)
     if module is not None:

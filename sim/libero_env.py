@@ -64,8 +64,9 @@ class LiberoApi:
 def load_api() -> LiberoApi:
     """LIBERO's API, or one EnvError saying what to install."""
     try:
+        # LIBERO: installed by the user, optional
         from libero.libero import benchmark, get_libero_path
-        from libero.libero.envs import OffScreenRenderEnv
+        from libero.libero.envs import OffScreenRenderEnv  # LIBERO: installed by the user, optional
     except ImportError as exc:
         raise EnvError(f"libero environments need LIBERO ({exc}): {INSTALL_HINT}") from None
     return LiberoApi(benchmarks=benchmark.get_benchmark_dict(),

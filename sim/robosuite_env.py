@@ -91,9 +91,9 @@ def _import_robosuite():
     # robosuite warns on every import that it has no private macro file (we need none).
     logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
     try:
-        import robosuite
-        from robosuite import load_controller_config
-        from robosuite.utils import transform_utils
+        import robosuite  # the optional [sim] extra
+        from robosuite import load_controller_config  # the optional [sim] extra
+        from robosuite.utils import transform_utils  # the optional [sim] extra
     except ImportError as exc:
         raise EnvError(f"robosuite environments need robosuite ({exc}): {INSTALL_HINT}") from None
     return robosuite, load_controller_config, transform_utils
@@ -101,7 +101,7 @@ def _import_robosuite():
 
 def _cheap_rendering(sim) -> None:
     """Anti-aliasing (offscreen multisampling), reflections and shadows off."""
-    import mujoco
+    import mujoco  # the optional [sim] extra
     ctx = sim._render_context_offscreen
     sim.model.vis.quality.offsamples = 0
     ctx.gl_ctx.make_current()

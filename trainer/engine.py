@@ -125,6 +125,7 @@ class Backend:
         return self.model.action_head(hidden, pad)[0]
 
     def new_cache(self):
+        # transformers: seconds to import, only loading a model needs it
         from transformers.cache_utils import DynamicCache
         return DynamicCache(config=self.backbone.config)
 

@@ -250,7 +250,7 @@ def wm_report(tally: WmTally, fvd: dict[str, Any] | None) -> dict[str, Any]:
 def plot_actions(report: dict[str, Any], path: Path) -> None:
     import matplotlib  # slow to import; only runs that plot pay for it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: slow to import, only plots need it
     fig, ax = plt.subplots(figsize=(6, 3))
     for i, mode in enumerate(("continuous", "discrete")):
         l1 = report[mode]["normalized"]["l1"]
@@ -267,7 +267,7 @@ def plot_actions(report: dict[str, Any], path: Path) -> None:
 def plot_wm(tally: WmTally, path: Path) -> None:
     import matplotlib  # slow to import; only runs that plot pay for it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: slow to import, only plots need it
     fig, axes = plt.subplots(1, 2, figsize=(7, 3))
     for ax, values, name in ((axes[0], tally.psnr, "PSNR (dB)"), (axes[1], tally.ssim, "SSIM")):
         ax.plot(values, "o")

@@ -37,6 +37,7 @@ FIXED = {"vocab_size": vocab.VOCAB_SIZE, "attention_bias": False, "mlp_bias": Fa
 def checkpoint_fields(path: Path) -> dict[str, Any]:
     """The architecture fields of a checkpoint's config.json, read through transformers (so old
     and new spellings, e.g. a top-level `rope_theta` or `rope_parameters`, both work)."""
+    # transformers: seconds to import, only loading a model needs it
     from transformers import ChameleonConfig
     if not (path / "config.json").is_file():
         raise RynnError(f"--init {path}: no config.json (a Hugging Face Chameleon checkpoint "

@@ -241,7 +241,7 @@ def finished(run: Path, cfg: TrainConfig, shards: ShardSet) -> bool:
 def plot(run: Path) -> Path:
     import matplotlib            # in here: pyplot loads only once the Agg backend is chosen
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: slow to import, only plots need it
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
