@@ -2,14 +2,14 @@
 
 `make sim-experiment` records robosuite Lift expert demos (`rynn-pipe sim-data`), tokenizes them
 with the `sim_lift` recipe, trains twice on the CPU (the natural VLA / world-model mix, and VLA
-only: `--set mix=1.0`), rolls out both checkpoints and the `mean` and `expert` baselines on the
-same seeded Lift episodes (`rynn-pipe rollout`), then calls `rynn-pipe sim-report EXP`, which reads
-this layout and writes EXP/report.md:
+only: `--set mix=1.0`), rolls out both checkpoints in both action modes and the `mean` and `expert`
+baselines on the same seeded Lift episodes (`rynn-pipe rollout`), then calls
+`rynn-pipe sim-report EXP`, which reads this layout and writes EXP/report.md:
 
     EXP/raw/                       sim-data HDF5
     EXP/tok/shards/                tokenized shards
-    EXP/runs/<arm>/                training runs (metrics.jsonl, loss_curve.png), arm = full | vla
-    EXP/rollouts/<arm>/            rollout outputs, arm = full | vla | mean | expert
+    EXP/runs/<run>/                training runs (metrics.jsonl, loss_curve.png), run = full | vla
+    EXP/rollouts/<arm>/            rollout outputs, arm = one of ARMS
 
 A rollout directory is read for its per-episode records: JSON objects with `seed` and `success`
 (one per line in a *.jsonl file, or a *.json file holding one record or a list of them).
@@ -27,8 +27,11 @@ from pipeline.errors import RynnError
 from pipeline.io import write_bytes
 from sim.rollout import wilson
 
-ARMS = ("full", "vla", "mean", "expert")
-LABELS = {"full": "trained (VLA + world model)", "vla": "trained (VLA only, mix=1.0)",
+ARMS = ("full", "full-discrete", "vla", "vla-discrete", "mean", "expert")
+RUNS = {"full": "trained (VLA + world model)", "vla": "trained (VLA only, mix=1.0)"}
+LABELS = {**RUNS,
+          "full-discrete": "trained (VLA + world model), discrete actions",
+          "vla-discrete": "trained (VLA only, mix=1.0), discrete actions",
           "mean": "baseline: dataset mean action chunk", "expert": "baseline: scripted expert"}
 
 
@@ -54,34 +57,53 @@ def read_episodes(rollout: Path) -> list[dict]:
     return [found[k] for k in sorted(found, key=lambda k: (str(k[0]), k[1]))]
 
 
+def _summary(rollout: Path) -> dict:
+    """The rollout's summary.json (rynn-pipe rollout writes one), or {} without it."""
+    path = rollout / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _success_rows(exp: Path) -> list[str]:
-    rows = ["| arm | successes | rate | 95 % Wilson interval |", "|---|---|---|---|"]
+    rows = ["| arm | successes | rate | 95 % Wilson interval | mean steps | checkpoint |",
+            "|---|---|---|---|---|---|"]
     for arm in ARMS:
         where = exp / "rollouts" / arm
         if not where.is_dir():
-            rows.append(f"| {LABELS[arm]} | not run | | |")
+            rows.append(f"| {LABELS[arm]} | not run | | | | |")
             continue
         eps = read_episodes(where)
         k, n = sum(bool(e["success"]) for e in eps), len(eps)
         lo, hi = wilson(k, n)
-        rows.append(f"| {LABELS[arm]} | {k}/{n} | {k / n:.0%} | [{lo:.0%}, {hi:.0%}] |")
+        steps = [e["steps"] for e in eps if "steps" in e]
+        mean_steps = f"{sum(steps) / len(steps):.1f}" if steps else ""
+        ckpt = _summary(where).get("checkpoint") or ""
+        rows.append(f"| {LABELS[arm]} | {k}/{n} | {k / n:.0%} | [{lo:.0%}, {hi:.0%}] | "
+                    f"{mean_steps} | {Path(ckpt).name if ckpt else ''} |")
     return rows
 
 
 def _training_rows(exp: Path) -> list[str]:
     rows = []
-    for arm in ("full", "vla"):
-        run = exp / "runs" / arm
+    for run_name, label in RUNS.items():
+        run = exp / "runs" / run_name
         metrics = run / "metrics.jsonl"
         if not metrics.exists():
-            rows.append(f"- {LABELS[arm]}: not trained")
+            rows.append(f"- {label}: not trained")
             continue
-        train = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+        logged = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        train = [r for r in logged if "loss" in r]
+        held_out = [r for r in logged if "val_loss" in r]
         last = train[-1] if train else {}
+        minutes = sum(r.get("compute_s", 0.0) + r.get("data_wait_s", 0.0) for r in train) / 60
         curve = run / "loss_curve.png"
-        rows.append(f"- {LABELS[arm]}: {last.get('step', 0)} steps, last logged loss "
-                    f"{last.get('loss', float('nan')):.4f}; loss curve: "
-                    f"{curve.relative_to(exp) if curve.exists() else 'none'}")
+        line = (f"- {label}: {last.get('step', 0)} steps ({minutes:.0f} min of training steps), "
+                f"last logged loss {last.get('loss', float('nan')):.4f}")
+        if held_out:
+            v = held_out[-1]
+            line += (f"; held out at step {v['step']}: " + ", ".join(
+                f"{k[4:]} {v[k]:.3f}" for k in ("val_ce_action", "val_ce_image", "val_l1")
+                if k in v))
+        rows.append(f"{line}; loss curve: {curve.relative_to(exp) if curve.exists() else 'none'}")
     return rows
 
 

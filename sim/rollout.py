@@ -30,7 +30,8 @@ thread too); the results do not depend on `procs`: same seeds, same checkpoint, 
 Output in `out` (each file atomically; the videos as their episodes end, the rest when the run
 ends): `episodes.jsonl` (one line per episode:
 seed, task, success, steps, wall and policy time, policy calls, latency), `summary.json` (success
-rate and 95 % Wilson interval per task and overall), `videos/seed-<seed>.mp4` (front | wrist,
+rate and 95 % Wilson interval per task and overall; the checkpoint directory a run path resolved
+to), `videos/seed-<seed>.mp4` (front | wrist,
 upright) for the first `videos` episodes and `contact_sheet.png` (one row per video episode).
 """
 
@@ -346,7 +347,9 @@ def summarize(cfg: RolloutConfig, records: list[dict[str, Any]]) -> dict[str, An
     for r in records:
         by_task[r["task"]].append(r)
     calls = sum(r["policy_calls"] for r in records)
-    return {"env": cfg.env, "policy": cfg.policy, "mode": cfg.mode, "constrained": cfg.constrained,
+    checkpoint = None if cfg.policy in BASELINES else str(resolve_checkpoint(cfg.policy))
+    return {"env": cfg.env, "policy": cfg.policy, "checkpoint": checkpoint, "mode": cfg.mode,
+            "constrained": cfg.constrained,
             "episodes_per_task": cfg.episodes, "seeds": [records[0]["seed"], records[-1]["seed"]],
             "tasks": {task: rate_row(rows) for task, rows in sorted(by_task.items())},
             "overall": rate_row(records),

@@ -219,3 +219,26 @@ def test_train_with_init_records_the_adopted_config(tmp_path, tiny_shards):
     step = train(cfg, tiny_shards, tmp_path / "run", init=tmp_path / "hf")
     saved, _, _ = read_config(step)
     assert (saved.model.rope_theta, saved.model.swin_norm) == (20000.0, True)
+
+
+def test_ordinal_bin_init_is_smooth_in_the_bin_and_touches_only_bin_rows():
+    from dataclasses import replace
+
+    from trainer.model import ordinal_rows
+    torch.manual_seed(0)
+    rows = ordinal_rows(256, 64, std=0.02)
+    cos = torch.nn.functional.cosine_similarity
+    assert rows.shape == (256, 64) and abs(rows.std().item() - 0.02) < 0.004
+    near, far = cos(rows[:-1], rows[1:]).mean().item(), cos(rows[:-128], rows[128:]).mean().item()
+    assert near > 0.95 and abs(far) < 0.3
+    plain = _model(seed=3).backbone.embed_tokens.weight
+    torch.manual_seed(3)
+    ordinal = RynnModel(replace(PRESETS["test"], bin_init="ordinal"), chunk=K, action_dim=D)
+    ordinal = ordinal.backbone.embed_tokens.weight
+    bins = torch.zeros(v.VOCAB_SIZE, dtype=torch.bool)
+    for base in (v.STATE_BIN_BASE, v.ACTION_BIN_BASE):
+        bins[base + 1:base + v.NUM_BINS + 1] = True
+    assert torch.equal(plain[~bins], ordinal[~bins])        # every other row as Chameleon draws it
+    state = ordinal[v.STATE_BIN_BASE + 1:v.STATE_BIN_BASE + v.NUM_BINS + 1]
+    assert cos(state[:-1], state[1:]).mean() > 0.95
+    assert cos(plain[v.STATE_BIN_BASE + 1:][:255], plain[v.STATE_BIN_BASE + 2:][:255]).abs().mean() < 0.3

@@ -33,6 +33,11 @@ class ModelConfig:
     head_dropout: float = 0.1
     residual_dropout: float = 0.0  # attention dropout of the backbone (0.05-0.1 published)
     gradient_checkpointing: bool = False
+    # Initial input embeddings of the 256 state-bin and 256 action-bin tokens when training from
+    # scratch: "random" (Chameleon's N(0, 0.02) rows: bin 17 is as far from bin 18 as from bin
+    # 200) or "ordinal" (smooth Fourier features of the bin index at the same scale, so nearby
+    # bins start nearby; trainer.model.ordinal_rows). `--init` replaces both with the checkpoint.
+    bin_init: Literal["random", "ordinal"] = "random"
     # Chameleon architecture facts that change no weight shape (`--init` adopts a checkpoint's)
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
@@ -44,6 +49,8 @@ class ModelConfig:
         _check(self.heads % self.kv_heads == 0, "model.kv_heads", "must divide model.heads")
         _check(self.head_width % self.head_heads == 0, "model.head_width",
                "must be divisible by model.head_heads")
+        _check(self.bin_init in ("random", "ordinal"), "model.bin_init",
+               "must be 'random' or 'ordinal'")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -50,6 +50,23 @@ def chameleon_config(cfg: ModelConfig) -> ChameleonConfig:
         attn_implementation="sdpa")
 
 
+_INIT_STD = 0.02      # ChameleonConfig.initializer_range: the std of every embedding row
+_FREQUENCIES = 8      # ordinal_rows: frequencies from 1 to 32 half-turns over the bin range
+
+
+def ordinal_rows(n: int, width: int, *, std: float) -> torch.Tensor:
+    """(n, width) embedding rows that vary smoothly with the row index: a random mix of
+    cos / sin(pi f t), t = index / (n - 1), over `_FREQUENCIES` geometric frequencies f in 1..32.
+    Each entry has variance std**2, as a random N(0, std) row; rows i and i+1 are close (cosine
+    similarity ~0.99 for n = 256), rows far apart nearly orthogonal. Draws from torch's RNG."""
+    t = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+    f = torch.logspace(0, 5, _FREQUENCIES, base=2, dtype=torch.float64)
+    phase = torch.pi * t[:, None] * f[None]                                # (n, F)
+    basis = torch.cat([phase.cos(), phase.sin()], 1) / _FREQUENCIES ** 0.5   # (n, 2F)
+    mix = torch.randn(2 * _FREQUENCIES, width, dtype=torch.float64) * std
+    return (basis @ mix).float()
+
+
 class Outputs(NamedTuple):
     """One forward pass (a NamedTuple, so DDP and FSDP find its tensors)."""
 
@@ -74,6 +91,12 @@ class RynnModel(nn.Module):
                                       width=cfg.head_width, heads=cfg.head_heads,
                                       layers=cfg.head_layers, ffn=cfg.head_ffn,
                                       dropout=cfg.head_dropout)
+        if cfg.bin_init == "ordinal":
+            embed = self.backbone.embed_tokens.weight
+            with torch.no_grad():
+                for base in (vocab.STATE_BIN_BASE, vocab.ACTION_BIN_BASE):
+                    rows = slice(base + 1, base + vocab.NUM_BINS + 1)
+                    embed[rows] = ordinal_rows(vocab.NUM_BINS, cfg.hidden, std=_INIT_STD).to(embed)
 
     # -- forward pieces
 
