@@ -75,7 +75,7 @@ train: setup ## train on the shards of `make shards`
 EXP          ?= out/sim_experiment
 SIM_DEMOS    ?= 100
 SIM_NOISE    ?= 0.05
-SIM_STEPS    ?= 2000
+SIM_STEPS    ?= 1500
 # The tiny preset's lr (1e-3) collapses the action head to one constant chunk on these demos (the
 # same output for every observation, measured); 3e-4 keeps it input-dependent.
 SIM_LR       ?= 3e-4

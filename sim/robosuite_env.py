@@ -223,7 +223,13 @@ class RobosuiteEnv:
 
 HOVER = 0.10               # approach height above the grasp point (m)
 CARRY = 0.12               # lift height above the grasp point, and carry height over the place
-CLOSE_STEPS = 8            # steps the closing gripper waits before lifting
+# The closing gripper lifts as soon as its fingers stop moving (width change under SETTLED), at
+# most after CLOSE_STEPS. A fixed wait after the fingers settle would be a run of identical
+# observations labelled first "hold" and then "lift": a policy that sees the state cannot tell
+# them apart and learns to hold forever (measured: a trained policy closed on the cube and then
+# hovered for the rest of every episode, with the expert's old 8-step wait).
+CLOSE_STEPS = 8
+SETTLED = 5e-4             # metres of finger-width change per step
 OPEN_STEPS = 6
 NEAR = 0.012               # position tolerance for a waypoint (m)
 LOST = 0.05                # object this far from the fingers while carrying: grasp failed
@@ -256,6 +262,7 @@ class _Expert:
 
     def reset(self) -> None:
         self.phase, self.count = "above", 0
+        self._width: float | None = None          # finger width at the previous close step
         self._home: np.ndarray | None = None
         self._lift_to: np.ndarray | None = None
 
@@ -272,6 +279,10 @@ class _Expert:
         rs = self._rs()
         body = self._env.spec.grasp_body(rs)
         return rs.sim.data.body_xpos[body].copy(), rs.sim.data.body_xmat[body].reshape(3, 3).copy()
+
+    def _finger_width(self) -> float:
+        qpos = self._env._obs["robot0_gripper_qpos"]
+        return float(qpos[0] - qpos[1])
 
     def _goal_orientation(self, rot: np.ndarray, obj_rot: np.ndarray) -> np.ndarray:
         if self._home is None:
@@ -309,9 +320,13 @@ class _Expert:
                 self._enter("close")
             return self._move(pos, rot, grasp, goal_rot, -1.0)
         elif phase == "close":
-            if self.count >= CLOSE_STEPS:
+            width = self._finger_width()
+            settled = self._width is not None and abs(width - self._width) < SETTLED
+            self._width = width
+            if self.count >= CLOSE_STEPS or (self.count >= 3 and settled):
                 self._lift_to = pos + [0.0, 0.0, CARRY]
                 self._enter("lift")
+                return self._move(pos, rot, self._lift_to, rot, 1.0)
             return self._move(pos, rot, pos, rot, 1.0)
         elif phase == "lift":
             if place is not None and pos[2] > self._lift_to[2] - 2 * NEAR:
@@ -338,7 +353,7 @@ class _Expert:
         return self._move(pos, rot, pos + [0.0, 0.0, MAX_STEP], rot, -1.0)   # retreat
 
     def _enter(self, phase: str) -> None:
-        self.phase, self.count = phase, 0
+        self.phase, self.count, self._width = phase, 0, None
 
 
 def _factory(task: str | None, **kwargs) -> RobosuiteEnv:
