@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from pipeline.errors import RynnError
-from pipeline.io import write_bytes
+from pipeline.io import read_json, write_bytes
 from sim.rollout import wilson
 
 ARMS = ("full", "full-discrete", "vla", "vla-discrete", "mean", "expert")
@@ -60,7 +60,7 @@ def read_episodes(rollout: Path) -> list[dict]:
 def _summary(rollout: Path) -> dict:
     """The rollout's summary.json (rynn-pipe rollout writes one), or {} without it."""
     path = rollout / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def _success_rows(exp: Path) -> list[str]:
