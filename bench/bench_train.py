@@ -1,5 +1,6 @@
 """Trainer benchmark: time per step split into waiting for data vs compute, tokens/s, the speed
-of logits at supervised positions only vs full-vocabulary logits at every position, and tokens/s
+of logits at supervised positions only vs full-vocabulary logits at every position, seconds per
+step with fused AdamW and bf16 autocast vs torch's defaults, and tokens/s
 of a training process alone vs beside a matmul-bound torch process (each in a fresh process):
 before (torch's defaults: both take every core, waiting OpenMP threads spin) and after
 (`OMP_WAIT_POLICY=PASSIVE` as `rynn-pipe` sets it, then also each process taking its share of the
@@ -41,8 +42,10 @@ def demo_shards(root: Path, resolution: int) -> Path:
     return root / "out" / "shards"
 
 
-def step_split(shards: Path, preset: str, steps: int, batch: int) -> dict[str, float]:
-    cfg = resolve_train_config(preset, [f"batch_size={batch}", "warmup_steps=1"], steps=steps)
+def step_split(shards: Path, preset: str, steps: int, batch: int,
+               overrides: tuple[str, ...] = ()) -> dict[str, float]:
+    cfg = resolve_train_config(preset, [f"batch_size={batch}", "warmup_steps=1", *overrides],
+                               steps=steps)
     card = processor_card(shards)
     torch.manual_seed(0)
     model = RynnModel(cfg.model, chunk=card["K"], action_dim=card["D"]).train()
@@ -78,6 +81,24 @@ def logits_ratio(shards: Path, preset: str, batch: int, reps: int = 3) -> tuple[
         sum(paper_ce(logits, targets, token_is_vla).values()).backward()
 
     return _time(full, reps), _time(supervised, reps)
+
+
+STEP_VARIANTS = {"fp32, AdamW per-tensor loop (torch's default)": (),
+                 "fp32, fused AdamW": ("adamw=fused",),
+                 "bf16 autocast, fused AdamW": ("adamw=fused", "precision=bf16")}
+
+
+def step_variants(shards: Path, args) -> None:
+    """Seconds per training step under the optimizer / precision settings the sim experiment
+    uses (`--set adamw=fused --set precision=bf16`) against torch's defaults, in this process."""
+    secs = {}
+    for name, overrides in STEP_VARIANTS.items():
+        s = step_split(shards, args.preset, args.steps, args.batch, overrides)
+        secs[name] = (s["wait"] + s["compute"]) / (args.steps - 1)
+    base = secs[next(iter(STEP_VARIANTS))]
+    print(f"training step ({args.preset}, batch {args.batch}, {torch.get_num_threads()} threads):")
+    for name, sec in secs.items():
+        print(f"  {name}: {sec:.3f} s -> {base / sec:.2f}x")
 
 
 def _time(fn, reps: int) -> float:
@@ -164,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         full, sup = logits_ratio(shards, args.preset, args.batch)
         print(f"forward+backward: full-vocabulary logits {full:.2f} s vs supervised positions only "
               f"{sup:.2f} s -> {full / sup:.2f}x faster")
+        step_variants(shards, args)
         contention(shards, args)
 
 
