@@ -79,7 +79,7 @@ SIM_STEPS    ?= 4000
 # The tiny preset's lr (1e-3) collapses the action head to one constant chunk on these demos (the
 # same output for every observation, measured); 3e-4 keeps it input-dependent.
 SIM_LR       ?= 3e-4
-# fused AdamW and bf16 autocast: 1.8x the steps of the fp32 per-tensor-loop step in the hour
+# fused AdamW and bf16 autocast: 1.9x the steps of the fp32 per-tensor-loop step in the hour
 # (measured, 1 thread); cosine decay to lr/10 by the last step. A tiny checkpoint with its
 # optimizer state is ~470 MB: each arm keeps its last 3.
 SIM_TRAIN    ?= --set lr=$(SIM_LR) --set schedule=cosine --set model.bin_init=ordinal \
