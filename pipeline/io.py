@@ -101,6 +101,26 @@ def read_json(path: str | os.PathLike) -> Any:
                       "restore or regenerate it", file=str(path)) from None
 
 
+def read_jsonl(path: str | os.PathLike, *, torn_tail: bool = False) -> list[Any]:
+    """One parsed value per non-blank line. A line that is not JSON is a BadJSON error naming the
+    file and line; with `torn_tail`, a damaged LAST line (a writer killed mid-append, as an
+    interrupted run's metrics.jsonl) is dropped instead."""
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if torn_tail and i == len(lines) - 1:
+                break
+            raise BadJSON(f"line {i + 1} is not valid JSON ({exc}); the file is damaged or not "
+                          "what was expected: restore or regenerate it", file=str(path)) from None
+    return rows
+
+
 def npy_bytes(arr: np.ndarray) -> bytes:
     """Deterministic .npy bytes for an array."""
     buf = io.BytesIO()

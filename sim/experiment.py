@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from pipeline.errors import RynnError
-from pipeline.io import read_json, write_bytes
+from pipeline.io import read_json, read_jsonl, write_bytes
 from sim.rollout import wilson
 
 ARMS = ("full", "full-discrete", "vla", "vla-discrete", "mean", "expert")
@@ -38,7 +38,7 @@ LABELS = {**RUNS,
 def _records(path: Path) -> list[dict]:
     text = path.read_text()
     if path.suffix == ".jsonl":
-        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        items = read_jsonl(path)
     else:
         loaded = json.loads(text)
         items = loaded if isinstance(loaded, list) else [loaded]
@@ -90,7 +90,7 @@ def _training_rows(exp: Path) -> list[str]:
         if not metrics.exists():
             rows.append(f"- {label}: not trained")
             continue
-        logged = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        logged = read_jsonl(metrics, torn_tail=True)
         train = [r for r in logged if "loss" in r]
         held_out = [r for r in logged if "val_loss" in r]
         last = train[-1] if train else {}

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from pipeline.config import SourceConfig
 from pipeline.episode import Episode, EpisodeRef
 from pipeline.errors import DataError
+from pipeline.io import read_jsonl
 
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 INFO = "meta/info.json"
@@ -88,10 +89,7 @@ def _read_jsonl(root: Path, rel: str) -> list[dict]:
     path = root / rel
     if not path.is_file():
         raise DataError("missing LeRobot metadata file", file=rel)
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"invalid JSON line: {e}", file=rel) from e
+    return read_jsonl(path)
 
 
 def _read_parquet(root: Path, rel: str, episode: str | None = None, **kwargs) -> pa.Table:

@@ -306,3 +306,18 @@ def test_a_row_logged_after_the_last_save_is_written_once(tiny_shards, tmp_path)
     _unique(part)
     assert [r["step"] for r in rows(part)] == [r["step"] for r in rows(full)]
     assert not list(part.glob(".tmp-*"))
+
+
+def test_read_jsonl_names_a_damaged_line_and_drops_only_a_torn_tail(tmp_path):
+    """The one JSONL reader (metrics.jsonl, episodes.jsonl, LeRobot metadata)."""
+    from pipeline.errors import BadJSON
+    from pipeline.io import read_jsonl
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')
+    assert read_jsonl(path, torn_tail=True) == [{"step": 1}, {"step": 2}]
+    with pytest.raises(BadJSON, match="line 4") as err:
+        read_jsonl(path)
+    assert str(path) in str(err.value)
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')        # damage before the end: an error
+    with pytest.raises(BadJSON, match="line 2"):
+        read_jsonl(path, torn_tail=True)

@@ -27,7 +27,6 @@ This module knows nothing about serving or training; it only maps names and writ
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -38,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from pipeline.errors import RynnError
-from pipeline.io import read_json, sha256_file, write_bytes, write_json
+from pipeline.io import read_json, read_jsonl, sha256_file, write_bytes, write_json
 from shards import vocab
 from shards.tokenizer import image_code_name, load_tokenizer_from_record
 from shards.vq import load_vq_from_record
@@ -160,7 +159,7 @@ def run_summary(step_dir: Path) -> dict[str, Any]:
     rows = []
     metrics = step_dir.parent / "metrics.jsonl"
     if metrics.exists():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(metrics, torn_tail=True)
     rows = [r for r in rows if r.get("step", 0) <= state["step"]]
     last_train = next((r for r in reversed(rows) if "loss" in r), None)
     last_val = next((r for r in reversed(rows) if "val_loss" in r), None)

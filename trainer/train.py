@@ -27,9 +27,9 @@ import torch.distributed as dist
 from rich.markup import escape
 from torch.distributed.fsdp import fully_shard
 
-from pipeline.errors import RynnError
+from pipeline.errors import BadJSON, RynnError
 from pipeline.group import Group
-from pipeline.io import write_bytes, write_json
+from pipeline.io import read_jsonl, write_bytes, write_json
 from pipeline.publish import hold
 from pipeline.progress import Progress, console
 from pipeline.threads import limit_threads, local_processes
@@ -208,19 +208,9 @@ def truncate_metrics(run: Path, step: int) -> None:
     path = run / "metrics.jsonl"
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise RynnError(f"{path}: line {i + 1} is not JSON; repair or remove the file "
-                            "before --resume") from None
-        if row["step"] < step or (row["step"] == step and "loss" in row):
-            rows.append(line)
-    write_bytes(path, "".join(r + "\n" for r in rows).encode())
+    rows = [row for row in read_jsonl(path, torn_tail=True)
+            if row["step"] < step or (row["step"] == step and "loss" in row)]
+    write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
 def finished(run: Path, cfg: TrainConfig, shards: ShardSet) -> bool:
@@ -231,8 +221,8 @@ def finished(run: Path, cfg: TrainConfig, shards: ShardSet) -> bool:
     if last is None or last.name != ckpt.step_name(cfg.steps) or not path.exists():
         return False
     try:
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-    except json.JSONDecodeError:
+        rows = read_jsonl(path)
+    except BadJSON:
         return False
     held_out = shards.splits.get("counts", {}).get("val")
     final = [r for r in rows if "loss" not in r] if held_out else rows
@@ -243,7 +233,7 @@ def plot(run: Path) -> Path:
     import matplotlib            # in here: pyplot loads only once the Agg backend is chosen
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # matplotlib: slow to import, only plots need it
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run / "metrics.jsonl", torn_tail=True)
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
     published = any("ce" in r for r in train)
