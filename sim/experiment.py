@@ -20,7 +20,6 @@ A rollout directory is read for its per-episode records: JSON objects with `seed
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pipeline.errors import RynnError
@@ -36,11 +35,10 @@ LABELS = {**RUNS,
 
 
 def _records(path: Path) -> list[dict]:
-    text = path.read_text()
     if path.suffix == ".jsonl":
         items = read_jsonl(path)
     else:
-        loaded = json.loads(text)
+        loaded = read_json(path)
         items = loaded if isinstance(loaded, list) else [loaded]
     return [r for r in items if isinstance(r, dict) and "success" in r and "seed" in r]
 
